@@ -1,0 +1,142 @@
+"""One typed settings object, read from arguments, ``TUNEWATCH_*`` variables or a TOML file."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from monitor.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "TUNEWATCH_"
+DEFAULT_DATABASE_URL = "sqlite:///tunewatch.db"
+
+
+def _rate(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"setting {name}={value!r} is out of range: use a share between 0 and 1")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"setting {name}={value!r} must be greater than 0")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of tunewatch, validated on creation.
+
+    >>> Settings(sample_rate=0.5).sample_rate
+    0.5
+    >>> Settings(sample_rate=2)
+    Traceback (most recent call last):
+    ...
+    monitor.errors.ConfigError: setting sample_rate=2 is out of range: use a share between 0 and 1
+    """
+
+    database_url: str = DEFAULT_DATABASE_URL
+    # Data plane: what each wrapped call records.
+    span_sample_rate: float = 0.01
+    sample_rate: float = 0.05
+    sample_cap_per_minute: int = 600
+    raw_max_values: int = 4096
+    tabular_max_columns: int = 64
+    queue_size: int = 250_000
+    buffer_rows: int = 100_000
+    flush_interval_s: float = 1.0
+    aggregate_interval_s: int = 10
+    retry_max_backoff_s: float = 5.0
+    default_arm: str = "main"
+    # Control plane.
+    artifacts_dir: str = "artifacts"
+    webhook_url: str = ""
+    api_token: str = field(default="", repr=False)
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("span_sample_rate", "sample_rate"):
+            _rate(name, getattr(self, name))
+        for name in ("queue_size", "buffer_rows", "flush_interval_s", "aggregate_interval_s"):
+            _positive(name, getattr(self, name))
+        for name in ("sample_cap_per_minute", "raw_max_values", "tabular_max_columns"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"setting {name}={getattr(self, name)!r} must be 0 or more")
+        if self.retry_max_backoff_s < 0:
+            raise ConfigError(f"setting retry_max_backoff_s={self.retry_max_backoff_s!r} < 0")
+        if not self.database_url:
+            raise ConfigError("setting database_url is empty: pass a SQLAlchemy URL")
+
+    def replace(self, **changes: Any) -> Settings:
+        """Return a copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **_coerce_all(changes))
+
+    @classmethod
+    def load(
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        toml_path: str | Path | None = None,
+    ) -> Settings:
+        """Build settings: defaults < TOML file < ``TUNEWATCH_*`` environment < ``overrides``.
+
+        The TOML file is ``toml_path``, else ``$TUNEWATCH_CONFIG`` when set.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        path = toml_path or env.get(ENV_PREFIX + "CONFIG")
+        if path:
+            values.update(_read_toml(Path(path)))
+        values.update(_from_env(env))
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls(**_coerce_all(values))
+
+
+_FIELDS = {f.name: f for f in fields(Settings) if f.name != "extra"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name not in _FIELDS:
+        raise ConfigError(f"unknown setting {name!r}: valid settings are {sorted(_FIELDS)}")
+    kind: type = type(_FIELDS[name].default)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    try:
+        if kind is bool:
+            return str(value).strip().lower() in ("1", "true", "yes", "on")
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name}={value!r} is not a valid {kind.__name__}") from None
+
+
+def _coerce_all(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _coerce(k, v) for k, v in values.items()}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, str]:
+    out = {}
+    for name in _FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in env and env[key] != "":
+            out[name] = env[key]
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    section = data.get("tunewatch", data)
+    return dict(section)

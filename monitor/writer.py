@@ -1,0 +1,420 @@
+"""The background writer: drains the call queue, aggregates, and writes batches to the database.
+
+The hot path only appends a tuple to a bounded deque. This thread turns those tuples into
+per-interval latency histograms, OpenTelemetry spans and input/output samples, and writes them
+in one transaction per flush. While the database is down it keeps what it can (up to
+``buffer_rows`` rows) and retries with exponential backoff; what does not fit is counted as a
+drop, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy.dialects import postgresql, sqlite
+
+from monitor import schema, sketch
+from monitor.errors import MonitorError, SchemaOutOfDate, StorageError
+from monitor.features import RowSample, named_inputs, sample_rows
+from monitor.settings import Settings
+from monitor.storage import Database, ensure_schema, insert_rows
+
+log = logging.getLogger("tunewatch.writer")
+
+DROP_PREFIX = "dropped_"
+
+
+@dataclass(eq=False)
+class Key:
+    """What a wrapped model records under; compared by identity on the hot path."""
+
+    model: str
+    version: str
+    arm: str
+    kind: str = "callable"
+    output_kind: str = "auto"
+    feature_names: tuple[str, ...] | None = None
+
+
+@dataclass
+class Agg:
+    """One interval's latency histogram for one key (cumulative until the interval closes)."""
+
+    calls: int = 0
+    errors: int = 0
+    items: int = 0
+    sum_ms: float = 0.0
+    min_ms: float = float("inf")
+    max_ms: float = 0.0
+    buckets: dict[int, int] = field(default_factory=dict)
+    error_types: dict[str, int] = field(default_factory=dict)
+    dirty: bool = True
+
+    def add(self, ms: float, items: int, error: str | None) -> None:
+        self.calls += 1
+        self.items += items
+        self.sum_ms += ms
+        self.min_ms = min(self.min_ms, ms)
+        self.max_ms = max(self.max_ms, ms)
+        b = sketch.bucket_of(ms)
+        self.buckets[b] = self.buckets.get(b, 0) + 1
+        if error is not None:
+            self.errors += 1
+            self.error_types[error] = self.error_types.get(error, 0) + 1
+        self.dirty = True
+
+
+@dataclass(frozen=True)
+class LogBatch:
+    """Rows handed over by ``Monitor.log``: samples and, optionally, per-call latencies."""
+
+    key: Key
+    times: list[datetime]
+    rows: list[RowSample]
+    latencies_ms: list[float] | None
+
+
+class Writer:
+    """Owns the queue, the pending rows and the thread that writes them."""
+
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        *,
+        instance_id: str,
+        schema_ok: bool,
+        make_span: Callable[[Key, int, int, str | None, Any, int], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.instance_id = instance_id
+        self.calls: deque[tuple[Any, ...]] = deque()
+        self.logs: deque[LogBatch] = deque()
+        self.span_rows: deque[dict[str, Any]] = deque()
+        self.make_span = make_span
+        self._schema_ok = schema_ok
+        self._aggs: dict[tuple[Key, int, str], Agg] = {}
+        self._log_batches = 0
+        self._samples: list[dict[str, Any]] = []
+        self._spans: list[dict[str, Any]] = []
+        self._seen: dict[Key, list[datetime]] = {}
+        self._seen_dirty: set[Key] = set()
+        self.counters: dict[str, int] = {}
+        self.totals: dict[Key, list[int]] = {}  # calls and errors per key, for metrics
+        self._drop_lock = threading.Lock()
+        self._minute: dict[Key, tuple[int, int]] = {}
+        # Wall clock of the monotonic clock's zero, so the hot path needs one clock read.
+        self._wall_offset_ns = time.time_ns() - time.perf_counter_ns()
+        self._wake = threading.Event()
+        self._flushed = threading.Condition()
+        self._flush_seq = 0
+        self._done_seq = 0
+        self._stop = False
+        self._backoff = 0.0
+        self._last_error = ""
+        self._thread = threading.Thread(target=self._run, name="tunewatch-writer", daemon=True)
+        self._thread.start()
+
+    # --- called from other threads ------------------------------------------------------
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to a counter (thread-safe)."""
+        with self._drop_lock:
+            self.counters[name] = self.counters.get(name, 0) + n
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Write everything queued so far; True when it reached the database in time."""
+        with self._flushed:
+            self._flush_seq += 1
+            target = self._flush_seq
+            self._wake.set()
+            return self._flushed.wait_for(lambda: self._done_seq >= target, timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush and stop the thread."""
+        if self._stop:
+            return
+        self.flush(timeout)
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped so far, all reasons."""
+        return sum(v for k, v in self.counters.items() if k.startswith(DROP_PREFIX))
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows waiting for the database."""
+        return len(self._samples) + len(self._spans) + len(self.calls)
+
+    # --- the thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        interval = self.settings.flush_interval_s
+        next_flush = time.monotonic() + interval
+        while True:
+            self._wake.wait(timeout=min(0.05, interval))
+            self._wake.clear()
+            with self._flushed:
+                requested = self._flush_seq  # read first: everything queued before it is drained
+            try:
+                self._drain()
+            except Exception:  # never let a bad record kill the writer
+                log.exception("tunewatch writer failed to process records")
+                self.count("internal_errors")
+            now = time.monotonic()
+            if requested > self._done_seq or now >= next_flush or self._stop:
+                if self._flush_once():
+                    with self._flushed:
+                        self._done_seq = requested
+                        self._flushed.notify_all()
+                next_flush = time.monotonic() + max(interval, self._backoff)
+            if self._stop and not self.calls and not self.logs:
+                return
+
+    def _drain(self) -> None:
+        calls, pop = self.calls, self.calls.popleft
+        aggs, step_ns = self._aggs, int(self.settings.aggregate_interval_s * 1e9)
+        offset = self._wall_offset_ns
+        for _ in range(len(calls)):
+            key, t0, dt, items, error, payload, span_ctx = pop()
+            wall = t0 + offset
+            slot = (key, wall - wall % step_ns, "")
+            agg = aggs.get(slot)
+            if agg is None:
+                agg = aggs[slot] = Agg()
+                self._mark_seen(key, wall)
+            agg.add(dt / 1e6, items, error)
+            total = self.totals.get(key)
+            if total is None:
+                total = self.totals[key] = [0, 0]
+            total[0] += 1
+            if error is not None:
+                total[1] += 1
+            if payload is not None:
+                self._sample(key, wall, payload)
+            if span_ctx is not None and self.make_span is not None:
+                self.make_span(key, wall, dt, error, span_ctx, items)
+        while self.logs:
+            self._take_log(self.logs.popleft())
+        while self.span_rows:
+            self._buffer(self._spans, self.span_rows.popleft())
+
+    def _mark_seen(self, key: Key, wall_ns: int) -> None:
+        when = datetime.fromtimestamp(wall_ns / 1e9, timezone.utc)
+        span = self._seen.get(key)
+        if span is None:
+            self._seen[key] = [when, when]
+        else:
+            span[0], span[1] = min(span[0], when), max(span[1], when)
+        self._seen_dirty.add(key)
+
+    def _sample(self, key: Key, wall_ns: int, payload: tuple[Any, ...]) -> None:
+        minute = wall_ns // 60_000_000_000
+        cur, used = self._minute.get(key, (minute, 0))
+        if cur != minute:
+            used = 0
+        room = self.settings.sample_cap_per_minute - used
+        if room <= 0:
+            self.count("samples_capped")
+            return
+        args, kwargs, result = payload
+        rows = sample_rows(
+            named_inputs(args, kwargs), result, max_rows=room,
+            tabular_max_columns=self.settings.tabular_max_columns,
+            raw_max_values=self.settings.raw_max_values,
+            output_kind=key.output_kind, feature_names=key.feature_names,
+        )  # fmt: skip
+        self._minute[key] = (minute, used + len(rows))
+        ts = datetime.fromtimestamp(wall_ns / 1e9, timezone.utc)
+        for r in rows:
+            self._buffer(self._samples, _sample_dict(key, ts, r, "call"))
+
+    def _take_log(self, batch: LogBatch) -> None:
+        key = batch.key
+        for i, r in enumerate(batch.rows):
+            self._buffer(self._samples, _sample_dict(key, batch.times[i], r, "log"))
+        for ts in (batch.times[0], batch.times[-1]):
+            self._mark_seen(key, int(ts.timestamp() * 1e9))
+        if batch.latencies_ms is None:
+            return
+        step = self.settings.aggregate_interval_s
+        # Each backfill writes rows of its own, so it never overwrites an earlier one.
+        self._log_batches += 1
+        suffix = f":log{self._log_batches}"
+        for ts, ms in zip(batch.times, batch.latencies_ms):
+            epoch = int(ts.timestamp())
+            slot = (key, (epoch - epoch % step) * 1_000_000_000, suffix)
+            self._aggs.setdefault(slot, Agg()).add(ms, 1, None)
+            self._buffer(self._spans, _log_span(key, ts, ms))
+
+    def _buffer(self, rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
+        if len(self._samples) + len(self._spans) >= self.settings.buffer_rows:
+            self.count(DROP_PREFIX + "buffer_full")
+            return
+        rows.append(row)
+
+    # --- writing ------------------------------------------------------------------------
+
+    def _flush_once(self) -> bool:
+        try:
+            if not self._schema_ok:
+                ensure_schema(self.db.engine)
+                self._schema_ok = True
+            self._write()
+        except (StorageError, MonitorError) as exc:
+            self._failed(exc)
+            return False
+        except Exception as exc:  # a driver error outside SQLAlchemy's hierarchy
+            self._failed(exc)
+            return False
+        self._backoff = 0.0
+        if self._last_error:
+            log.warning("tunewatch: database is reachable again; pending records written")
+            self._last_error = ""
+        return True
+
+    def _failed(self, exc: Exception) -> None:
+        cap = self.settings.retry_max_backoff_s
+        self._backoff = min(cap, max(0.1, self._backoff * 2)) if cap > 0 else 0.0
+        message = str(exc).splitlines()[0]
+        if message != self._last_error:
+            level = logging.ERROR if isinstance(exc, SchemaOutOfDate) else logging.WARNING
+            log.log(level, "tunewatch: cannot write telemetry (%s); retrying", message)
+            self._last_error = message
+        self._trim_aggregates()
+
+    def _trim_aggregates(self) -> None:
+        # While the database is down, keep at most an hour of intervals per key.
+        limit = max(1, int(3600 / self.settings.aggregate_interval_s)) * max(1, len(self._seen))
+        if len(self._aggs) <= limit:
+            return
+        for slot in sorted(self._aggs, key=lambda s: s[1])[: len(self._aggs) - limit]:
+            self.count(DROP_PREFIX + "aggregate_overflow", self._aggs.pop(slot).calls)
+
+    def _write(self) -> None:
+        now = datetime.now(timezone.utc)
+        dirty = [(slot, agg) for slot, agg in self._aggs.items() if agg.dirty]
+        samples, spans = self._samples, self._spans
+        seen = list(self._seen_dirty)
+        step = self.settings.aggregate_interval_s
+        with self.db.session() as s:
+            dialect = s.get_bind().dialect.name
+            for slot, agg in dirty:
+                s.execute(_upsert_aggregate(dialect, self.instance_id, slot, agg, now, step))
+            insert_rows(s, schema.Sample, samples)
+            insert_rows(s, schema.CallSpan, spans)
+            for key in seen:
+                s.execute(_upsert_seen(dialect, key, self._seen[key]))
+            for name, value in list(self.counters.items()):
+                s.execute(_upsert_counter(dialect, self.instance_id, name, value, now))
+        self._samples, self._spans = [], []
+        self._seen_dirty.difference_update(seen)
+        for _slot, agg in dirty:
+            agg.dirty = False
+        self._forget_closed_intervals(now)
+
+    def _forget_closed_intervals(self, now: datetime) -> None:
+        horizon = (now.timestamp() - 6 * self.settings.aggregate_interval_s) * 1e9
+        for slot in [s for s, a in self._aggs.items() if s[1] < horizon and not a.dirty]:
+            del self._aggs[slot]
+
+
+def _insert(dialect: str, table: Any) -> Any:
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise StorageError(f"database dialect {dialect!r} is not supported: use SQLite or PostgreSQL")
+
+
+def _upsert_aggregate(
+    dialect: str,
+    instance: str,
+    slot: tuple[Key, int, str],
+    agg: Agg,
+    now: datetime,
+    interval_s: int,
+) -> Any:
+    key, start_ns, suffix = slot
+    p50, p95, p99 = sketch.quantiles(agg.buckets, (0.5, 0.95, 0.99))
+    values = {
+        "calls": agg.calls, "errors": agg.errors, "items": agg.items, "sum_ms": agg.sum_ms,
+        "min_ms": agg.min_ms, "max_ms": agg.max_ms, "p50_ms": p50, "p95_ms": p95,
+        "p99_ms": p99, "buckets": {str(k): v for k, v in agg.buckets.items()},
+        "error_types": dict(agg.error_types), "updated_at": now,
+    }  # fmt: skip
+    stmt = _insert(dialect, schema.LatencyAggregate).values(
+        instance_id=instance + suffix, model=key.model, version=key.version, arm=key.arm,
+        interval_start=datetime.fromtimestamp(start_ns / 1e9, timezone.utc),
+        interval_s=interval_s, **values,
+    )  # fmt: skip
+    return stmt.on_conflict_do_update(
+        index_elements=["instance_id", "model", "version", "arm", "interval_start"], set_=values
+    )
+
+
+def _upsert_seen(dialect: str, key: Key, span: list[datetime]) -> Any:
+    table = schema.ModelVersionSeen.__table__
+    stmt = _insert(dialect, schema.ModelVersionSeen).values(
+        model=key.model, version=key.version, kind=key.kind,
+        first_seen_at=span[0], last_seen_at=span[1],
+    )  # fmt: skip
+    return stmt.on_conflict_do_update(
+        index_elements=["model", "version"],
+        set_={
+            "first_seen_at": _least(dialect, table.c.first_seen_at, stmt.excluded.first_seen_at),
+            "last_seen_at": _greatest(dialect, table.c.last_seen_at, stmt.excluded.last_seen_at),
+        },
+    )
+
+
+def _least(dialect: str, a: Any, b: Any) -> Any:
+    from sqlalchemy import func
+
+    return func.min(a, b) if dialect == "sqlite" else func.least(a, b)
+
+
+def _greatest(dialect: str, a: Any, b: Any) -> Any:
+    from sqlalchemy import func
+
+    return func.max(a, b) if dialect == "sqlite" else func.greatest(a, b)
+
+
+def _upsert_counter(dialect: str, instance: str, name: str, value: int, now: datetime) -> Any:
+    stmt = _insert(dialect, schema.TelemetryCounter).values(
+        instance_id=instance, name=name, value=value, host=socket.gethostname(),
+        pid=os.getpid(), note="", updated_at=now,
+    )  # fmt: skip
+    return stmt.on_conflict_do_update(
+        index_elements=["instance_id", "name"], set_={"value": value, "updated_at": now}
+    )
+
+
+def _sample_dict(key: Key, ts: datetime, row: RowSample, source: str) -> dict[str, Any]:
+    return {
+        "model": key.model, "version": key.version, "arm": key.arm, "ts": ts, "source": source,
+        "input_kind": row.input_kind, "features": row.features, "outputs": row.outputs,
+        "raw": row.raw,
+    }  # fmt: skip
+
+
+def _log_span(key: Key, ts: datetime, ms: float) -> dict[str, Any]:
+    return {
+        "trace_id": None, "span_id": None, "parent_span_id": None, "name": "tunewatch.log",
+        "model": key.model, "version": key.version, "arm": key.arm, "start_time": ts,
+        "duration_ms": float(ms), "batch_size": 1, "status": "ok", "error_type": None,
+        "source": "log", "attributes": {},
+    }  # fmt: skip

@@ -1,0 +1,1 @@
+"""tunewatch control plane."""
