@@ -28,6 +28,11 @@ def bucket_of(ms: float) -> int:
     return math.ceil(math.log(max(ms, MIN_MS)) * _INV_LOG_GAMMA)
 
 
+def buckets_of(ms: np.ndarray) -> np.ndarray:
+    """Bucket indexes of many latencies at once (same mapping as :func:`bucket_of`)."""
+    return np.ceil(np.log(np.maximum(ms, MIN_MS)) * _INV_LOG_GAMMA).astype(np.int64)
+
+
 def bucket_value(index: int) -> float:
     """The representative latency (ms) of a bucket: within 1 % of every value in it."""
     return 2.0 * GAMMA**index / (GAMMA + 1.0)

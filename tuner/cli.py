@@ -100,7 +100,7 @@ def _print_status(status: Any) -> None:
             m.model, m.version, ",".join(m.arms), str(m.calls), f"{m.calls_per_s:.2f}",
             f"{m.error_rate:.2%}", _ms(m.p50_ms), _ms(m.p95_ms), _ms(m.p99_ms), str(m.samples),
         )  # fmt: skip
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     reasons = ", ".join(f"{k}={v}" for k, v in status.drops_by_reason.items()) or "none"
     console.print(f"telemetry dropped: {status.dropped} ({reasons})")

@@ -1,0 +1,110 @@
+"""The database goes away, the process is killed: calls never fail and little is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import timedelta
+
+import numpy as np
+from sqlalchemy.engine import make_url
+
+from monitor import Monitor, storage
+from monitor.status import summarize
+from tests.conftest import require_postgres
+from tests.helpers import TcpProxy
+
+
+def _calls(url: str, model: str) -> int:
+    db = storage.Database(url)
+    try:
+        return sum(
+            m.calls for m in summarize(db, window=timedelta(days=1)).models if m.model == model
+        )
+    finally:
+        db.dispose()
+
+
+def test_closed_port_database_never_fails_a_call(sqlite_url: str) -> None:
+    require_postgres()
+    url = "postgresql+psycopg://postgres@127.0.0.1:1/none"  # nothing listens on port 1
+    mon = Monitor(url, retry_max_backoff_s=0.2)
+    wrapped = mon.wrap(lambda x: x * 2, name="m", version="v1")
+    assert [wrapped(i) for i in range(100)] == [2 * i for i in range(100)]
+    assert mon.flush(timeout=1.0) is False  # nothing reached the database
+    assert mon.stats()["dropped"] == 0
+    mon.close(timeout=0.5)
+
+
+def test_server_going_away_buffers_then_writes_and_counts_drops(pg_url: str) -> None:
+    engine = storage.create_db_engine(pg_url)
+    storage.upgrade(engine)
+    engine.dispose()
+    real = make_url(pg_url)
+    proxy = TcpProxy((real.host or "127.0.0.1", real.port or 5432))
+    proxy.start()
+    via_proxy = real.set(port=proxy.port).render_as_string(hide_password=False)
+    mon = Monitor(
+        via_proxy, sample_rate=1.0, span_sample_rate=0.0, buffer_rows=50, retry_max_backoff_s=0.2
+    )
+    wrapped = mon.wrap(lambda x: x.sum(), name="gone", version="v1")
+    wrapped(np.ones((1, 2)))
+    assert mon.flush(timeout=10)
+    proxy.stop()  # the server goes away mid-run
+    start = time.perf_counter()
+    results = [wrapped(np.ones((1, 2))) for _ in range(80)]
+    assert results == [2.0] * 80
+    assert time.perf_counter() - start < 5.0  # calls did not wait for the database
+    assert mon.flush(timeout=1.0) is False
+    proxy.start()  # and comes back
+    assert mon.flush(timeout=20)
+    mon.close()
+    proxy.stop()
+    assert _calls(pg_url, "gone") == 81  # every call's latency survived (aggregates)
+    db = storage.Database(pg_url)
+    stored = storage.count_samples(db, "gone")
+    dropped = storage.counters(db).get("dropped_buffer_full", 0)
+    db.dispose()
+    assert stored == 51 and dropped == 30  # 1 + 50 buffered rows written; the rest counted
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from monitor import Monitor
+    mon = Monitor(sys.argv[1], flush_interval_s=0.5)
+    f = mon.wrap(lambda x: x, name="killed", version="v1")
+    n = 0
+    while True:
+        for _ in range(200):
+            f(1)
+        n += 200
+        print(n, time.time(), flush=True)
+        time.sleep(0.01)
+    """
+)
+
+
+def test_sigkill_loses_at_most_the_last_flush_interval(sqlite_url: str) -> None:
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, sqlite_url], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout is not None
+    progress: list[tuple[int, float]] = []
+    while not progress or progress[-1][1] - progress[0][1] < 3.0:
+        line = proc.stdout.readline()
+        n, t = line.split()
+        progress.append((int(n), float(t)))
+    killed_at = time.time()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Everything sent up to one flush interval (0.5 s) plus scheduling slack before the kill
+    # must be in the database, and the database must be readable.
+    safe = max(n for n, t in progress if t <= killed_at - 1.0)
+    recorded = _calls(sqlite_url, "killed")
+    assert safe <= recorded <= progress[-1][0]
