@@ -11,10 +11,16 @@ config = context.config
 target_metadata = Base.metadata
 
 
+def _ours(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+    # APScheduler owns its job table; Alembic must neither create nor drop it.
+    return not (type_ == "table" and name == "apscheduler_jobs")
+
+
 def _run(connection: object) -> None:
     context.configure(
         connection=connection,  # type: ignore[arg-type]
         target_metadata=target_metadata,
+        include_object=_ours,
         render_as_batch=True,  # SQLite needs batch mode to alter tables
         compare_type=True,
     )

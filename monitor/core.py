@@ -74,6 +74,7 @@ class Monitor:
         )  # fmt: skip
         self._meter_provider = build_meter_provider(self._observe, metric_readers)
         self._keys: dict[tuple[str, str, str], Key] = {}
+        self._deployments: list[Any] = []
         self._closed = False
         _LIVE.add(self)
 
@@ -152,6 +153,22 @@ class Monitor:
 
         return decorate
 
+    def deployment(self, name: str, **options: Any) -> Any:
+        """Serve ``name``'s champion from the registry, routing a share to a challenger.
+
+        Options: ``poll_s`` (routing reload period, default 5 s), ``batching`` (default: on
+        when the tuner chose a batch size > 1), ``max_batch_size``, ``max_delay_ms``.
+        See :class:`monitor.deploy.Deployment`.
+
+        Raises:
+            NotFound: the model has no champion in the registry.
+        """
+        from monitor.deploy import Deployment
+
+        dep = Deployment(self, name, **options)
+        self._deployments.append(dep)
+        return dep
+
     # --- explicit logging ---------------------------------------------------------------
 
     def log(
@@ -202,6 +219,8 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
+        for dep in self._deployments:
+            dep.close()
         self._tracer_provider.force_flush()
         self._writer.close(timeout)
         self._tracer_provider.shutdown()

@@ -26,5 +26,9 @@ class NotFound(MonitorError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ArtifactMismatch(MonitorError, ValueError):
+    """A model artifact is missing or its sha256 differs from the registry's."""
+
+
 class InsufficientData(MonitorError, ValueError):
     """A window holds too few rows for a sound comparison."""

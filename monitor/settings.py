@@ -56,22 +56,75 @@ class Settings:
     aggregate_interval_s: int = 10
     retry_max_backoff_s: float = 5.0
     default_arm: str = "main"
+    # Detection.
+    latency_recent_s: int = 900
+    latency_baseline_s: int = 86_400
+    latency_baseline_start: str = ""
+    latency_baseline_end: str = ""
+    latency_tolerance: float = 0.10
+    latency_alpha: float = 0.05
+    latency_min_samples: int = 50
+    drift_reference_rows: int = 500
+    drift_current_s: int = 3600
+    drift_reference_start: str = ""
+    drift_reference_end: str = ""
+    drift_max_rows: int = 5000
+    drift_min_rows: int = 30
+    drift_alpha: float = 0.05
+    drift_correction: str = "fdr_bh"
+    retune_on: str = "latency_regression,data_drift"
+    # Scheduler.
+    latency_job_interval_s: int = 300
+    drift_job_interval_s: int = 3600
+    retune_job_interval_s: int = 600
+    analysis_job_interval_s: int = 60
+    # Experiments and promotions.
+    experiment_min_samples: int = 200
+    experiment_max_duration_s: int = 86_400
+    experiment_latency_tolerance: float = 0.10
+    experiment_min_agreement: float = 0.98
+    experiment_alpha: float = 0.05
+    promotion_watch_s: int = 1800
+    tune_slo_ms: float = 50.0
+    tune_objective: str = "throughput"
+    extra_jobs: str = ""  # "id=module:function@seconds;..." user jobs run like the built-in ones
     # Control plane.
     artifacts_dir: str = "artifacts"
     webhook_url: str = ""
     api_token: str = field(default="", repr=False)
+    api_auth_disabled: bool = False
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("span_sample_rate", "sample_rate"):
+        for name in (
+            "span_sample_rate", "sample_rate", "latency_alpha", "drift_alpha",
+            "experiment_min_agreement", "experiment_alpha",
+        ):  # fmt: skip
             _rate(name, getattr(self, name))
-        for name in ("queue_size", "buffer_rows", "flush_interval_s", "aggregate_interval_s"):
+        for name in (
+            "queue_size", "buffer_rows", "flush_interval_s", "aggregate_interval_s",
+            "latency_recent_s", "latency_baseline_s", "latency_min_samples",
+            "drift_reference_rows", "drift_current_s", "drift_max_rows", "drift_min_rows",
+            "latency_job_interval_s", "drift_job_interval_s", "retune_job_interval_s",
+            "analysis_job_interval_s", "experiment_min_samples", "experiment_max_duration_s",
+            "promotion_watch_s",
+            "tune_slo_ms",
+        ):  # fmt: skip
             _positive(name, getattr(self, name))
         for name in ("sample_cap_per_minute", "raw_max_values", "tabular_max_columns"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name}={getattr(self, name)!r} must be 0 or more")
         if self.retry_max_backoff_s < 0:
             raise ConfigError(f"setting retry_max_backoff_s={self.retry_max_backoff_s!r} < 0")
+        if self.drift_correction not in ("fdr_bh", "bonferroni", "none"):
+            raise ConfigError(
+                f"setting drift_correction={self.drift_correction!r} must be one of "
+                "'fdr_bh', 'bonferroni', 'none'"
+            )
+        if self.latency_tolerance < 0:
+            raise ConfigError(f"setting latency_tolerance={self.latency_tolerance!r} must be >= 0")
         if not self.database_url:
             raise ConfigError("setting database_url is empty: pass a SQLAlchemy URL")
 

@@ -128,6 +128,9 @@ class Writer:
         self._seen_dirty: set[Key] = set()
         self.counters: dict[str, int] = {}
         self.totals: dict[Key, list[int]] = {}  # calls and errors per key, for metrics
+        # Shadow comparisons per (experiment, interval): compared, agreed, score, errors, ms.
+        self._shadow: dict[tuple[int, int], list[float]] = {}
+        self._shadow_dirty: set[tuple[int, int]] = set()
         self._drop_lock = threading.Lock()
         self._minute: dict[Key, tuple[int, int]] = {}
         # Wall clock of the monotonic clock's zero, so the hot path needs one clock read.
@@ -165,6 +168,21 @@ class Writer:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout)
+
+    def shadow(
+        self, experiment_id: int, agreed: bool, score: float, error: bool, ms: float
+    ) -> None:
+        """Record one shadow comparison of a challenger with the champion (thread-safe)."""
+        now = int(time.time())
+        slot = (experiment_id, now - now % int(self.settings.aggregate_interval_s))
+        with self._drop_lock:
+            acc = self._shadow.setdefault(slot, [0, 0, 0.0, 0, 0.0])
+            acc[0] += 1
+            acc[1] += int(agreed)
+            acc[2] += score
+            acc[3] += int(error)
+            acc[4] += ms
+            self._shadow_dirty.add(slot)
 
     @property
     def dropped(self) -> int:
@@ -334,6 +352,8 @@ class Writer:
         samples, spans = self._samples, self._spans
         seen = list(self._seen_dirty)
         step = self.settings.aggregate_interval_s
+        with self._drop_lock:
+            shadow = [(k, list(self._shadow[k])) for k in self._shadow_dirty]
         with self.db.session() as s:
             dialect = s.get_bind().dialect.name
             for slot, agg in dirty:
@@ -344,8 +364,14 @@ class Writer:
                 s.execute(_upsert_seen(dialect, key, self._seen[key]))
             for name, value in list(self.counters.items()):
                 s.execute(_upsert_counter(dialect, self.instance_id, name, value, now))
+            for key_slot, acc in shadow:
+                s.execute(_upsert_shadow(dialect, self.instance_id, key_slot, acc, now))
         self._samples, self._spans = [], []
         self._seen_dirty.difference_update(seen)
+        with self._drop_lock:  # clean unless a comparison arrived while we wrote
+            for key_slot, acc in shadow:
+                if self._shadow[key_slot] == acc:
+                    self._shadow_dirty.discard(key_slot)
         for _slot, agg in dirty:
             agg.dirty = False
         self._forget_closed_intervals(now)
@@ -415,6 +441,22 @@ def _greatest(dialect: str, a: Any, b: Any) -> Any:
     from sqlalchemy import func
 
     return func.max(a, b) if dialect == "sqlite" else func.greatest(a, b)
+
+
+def _upsert_shadow(
+    dialect: str, instance: str, slot: tuple[int, int], acc: list[float], now: datetime
+) -> Any:
+    values = {
+        "compared": int(acc[0]), "agreed": int(acc[1]), "score_sum": float(acc[2]),
+        "challenger_errors": int(acc[3]), "challenger_ms_sum": float(acc[4]), "updated_at": now,
+    }  # fmt: skip
+    stmt = _insert(dialect, schema.ShadowAggregate).values(
+        instance_id=instance, experiment_id=slot[0],
+        interval_start=datetime.fromtimestamp(slot[1], timezone.utc), **values,
+    )  # fmt: skip
+    return stmt.on_conflict_do_update(
+        index_elements=["instance_id", "experiment_id", "interval_start"], set_=values
+    )
 
 
 def _upsert_counter(dialect: str, instance: str, name: str, value: int, now: datetime) -> Any:

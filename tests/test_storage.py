@@ -62,3 +62,38 @@ def test_unknown_revision_is_a_clear_error(sqlite_url: str) -> None:
     with pytest.raises(ConfigError, match="'nope'"):
         storage.upgrade(engine, "nope")
     engine.dispose()
+
+
+def test_migrations_match_the_models(db_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from monitor.schema import Base
+
+    engine = storage.create_db_engine(db_url)
+    storage.upgrade(engine)
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(
+            conn,
+            opts={
+                "compare_type": True,
+                "include_object": lambda o, n, t, r, c: n != "apscheduler_jobs",
+            },
+        )
+        diff = compare_metadata(ctx, Base.metadata)
+    engine.dispose()
+    assert diff == [], f"schema and migrations differ: write a migration for {diff}"
+
+
+def test_every_revision_upgrades_to_head(db_url: str) -> None:
+    from alembic.script import ScriptDirectory
+
+    engine = storage.create_db_engine(db_url)
+    script = ScriptDirectory.from_config(storage._alembic_config(engine))
+    revisions = [r.revision for r in script.walk_revisions()][::-1]
+    for rev in revisions:
+        storage.downgrade(engine, "base")
+        storage.upgrade(engine, rev)
+        storage.upgrade(engine)
+        assert storage.current_revision(engine) == storage.head_revision(engine)
+    engine.dispose()

@@ -92,8 +92,11 @@ def test_torch_module_runs_under_inference_mode(sqlite_url: str) -> None:
         samples = storage.read_samples(mon.db, "net", with_raw=True)
     assert len(samples) == 5
     assert samples[0].input_kind == "tabular" and set(samples[0].features) == {
-        "x0", "x1", "x2", "x3"
-    }  # fmt: skip
+        "x0",
+        "x1",
+        "x2",
+        "x3",
+    }
     assert set(samples[0].outputs or {}) == {"top_class", "confidence"}
     raw = samples[0].raw or {}
     assert np.allclose(raw["arg0"], x[0].numpy())
@@ -105,10 +108,12 @@ def _tiny_onnx(path: str) -> str:
 
     w = helper.make_tensor("W", TensorProto.FLOAT, [4, 3], np.arange(12, dtype=np.float32))
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])], "tiny",
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "tiny",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [w],
-    )  # fmt: skip
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [w],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.save(model, path)
@@ -210,8 +215,14 @@ def test_log_backfills_rows_latencies_and_times(db_url: str) -> None:
     times = [t0 + timedelta(seconds=30 * i) for i in range(4)]
     frame = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "b": [0.0, 1.0, 0.0, 1.0]})
     with Monitor(db_url) as mon:
-        n = mon.log(name="bf", version="v1", inputs=frame, outputs=np.array([0, 1, 1, 0]),
-                    latency_ms=[5.0, 6.0, 7.0, 8.0], timestamps=times)  # fmt: skip
+        n = mon.log(
+            name="bf",
+            version="v1",
+            inputs=frame,
+            outputs=np.array([0, 1, 1, 0]),
+            latency_ms=[5.0, 6.0, 7.0, 8.0],
+            timestamps=times,
+        )
         mon.flush()
         samples = storage.read_samples(mon.db, "bf", "v1")
         lat = storage.read_call_latencies(mon.db, "bf", "v1", start=t0, end=t0 + timedelta(hours=1))

@@ -110,6 +110,370 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+# --- detection -------------------------------------------------------------------------
+
+
+def _database(args: argparse.Namespace) -> tuple[Settings, Any]:
+    from monitor.storage import Database
+
+    settings = settings_from(args)
+    return settings, Database(settings.database_url)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    """``tunewatch detect``: run every detector once now."""
+    from monitor.detect import run_detection
+
+    settings, db = _database(args)
+    try:
+        events = run_detection(db, settings, model=args.model)
+    finally:
+        db.dispose()
+    if args.json:
+        print_json({"events": [e.to_dict() for e in events]})
+    elif not events:
+        print("no events: nothing regressed or drifted (or too little data; see the log)")
+    else:
+        for e in events:
+            print(f"[{e.action}] #{e.id} {e.kind} {e.severity}: {e.summary}")
+    return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    """``tunewatch drift NAME``: one drift comparison over explicit windows."""
+    from monitor.detect import compare_windows, parse_time
+    from monitor.errors import NotFound
+    from monitor.storage import read_samples, versions_seen
+
+    settings, db = _database(args)
+    try:
+        version = args.version
+        if version is None:
+            seen = versions_seen(db, args.name)
+            if not seen:
+                raise NotFound(f"model {args.name!r} has no data: see `tunewatch status`")
+            version = max(seen, key=lambda v: v.last_seen_at).version
+        ref = (parse_time(args.reference_start, "--reference-start"),
+               parse_time(args.reference_end, "--reference-end"))  # fmt: skip
+        cur = (parse_time(args.current_start, "--current-start"),
+               parse_time(args.current_end, "--current-end"))  # fmt: skip
+        limit = settings.drift_max_rows * 4
+        reference = read_samples(db, args.name, version, start=ref[0], end=ref[1], limit=limit)
+        current = read_samples(db, args.name, version, start=cur[0], end=cur[1], limit=limit)
+        comps = compare_windows(db, settings, args.name, version, reference, current, (ref, cur))
+    finally:
+        db.dispose()
+    inputs = comps[0].to_dict()
+    if len(comps) > 1:
+        inputs["outputs"] = comps[1].to_dict()
+    if args.json:
+        print_json(inputs)
+        return 0
+    _print_drift(inputs)
+    return 0
+
+
+def _print_drift(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    for part in (report, report.get("outputs")):
+        if not part:
+            continue
+        rows = part["rows"]
+        verdict = "DRIFT" if part["drift_detected"] else "no drift"
+        console.print(
+            f"{part['model']}:{part['version']} {part['target']}: {verdict}, share drifted "
+            f"{part['share_drifted']:.2f} ({rows['reference']} reference vs {rows['current']} "
+            f"current rows) {part['message']}"
+        )
+        table = Table()
+        for col in ("column", "method", "score", "threshold", "drifted", "status"):
+            table.add_column(col)
+        for c in part["columns"]:
+            score = "-" if c["score"] is None else f"{c['score']:.4g}"
+            thr = "-" if c["threshold"] is None else f"{c['threshold']:.4g}"
+            table.add_row(c["column"], c["method"], score, thr, str(c["drifted"]), c["status"])
+        console.print(table)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """``tunewatch events [ack ID]``: list events or acknowledge one."""
+    from monitor.events import acknowledge, list_events
+
+    _settings, db = _database(args)
+    try:
+        if args.action == "ack":
+            if args.id is None:
+                raise argparse.ArgumentTypeError("events ack needs an event ID")
+            event = acknowledge(db, args.id, args.by or "")
+            events = [event]
+        else:
+            events = list_events(db, model=args.model, status=args.status)
+    finally:
+        db.dispose()
+    if args.json:
+        print_json({"events": [e.to_dict() for e in events]})
+        return 0
+    for e in events:
+        print(f"#{e.id} {e.status:<12} {e.kind:<18} {e.severity:<8} {e.model}:{e.version} "
+              f"{e.summary}")  # fmt: skip
+    if not events:
+        print("no events")
+    return 0
+
+
+# --- registry and tuning ---------------------------------------------------------------
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    """``tunewatch register NAME --onnx PATH``."""
+    from tuner.registry import register
+
+    settings, db = _database(args)
+    try:
+        info = register(args.name, args.onnx, version=args.version, db=db, settings=settings)
+    finally:
+        db.dispose()
+    if args.json:
+        print_json(info.to_dict())
+    else:
+        print(f"registered {info.model}:{info.version} ({info.status}) at {info.artifact_path}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """``tunewatch models``: registered versions with artifacts and status."""
+    from monitor.registry import list_versions
+
+    _settings, db = _database(args)
+    try:
+        versions = list_versions(db, args.name)
+    finally:
+        db.dispose()
+    if args.json:
+        print_json({"models": [v.to_dict() for v in versions]})
+        return 0
+    for v in versions:
+        print(f"{v.model}:{v.version:<14} {v.status:<10} parent={v.parent_version or '-':<8} "
+              f"{v.artifact_path}")  # fmt: skip
+    if not versions:
+        print("no registered models: `tunewatch register NAME --onnx PATH`")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``tunewatch tune NAME``: rebuild fast variants, guard them, search batch sizes."""
+    from tuner.tuning import run_tuning
+
+    settings, db = _database(args)
+    try:
+        with _progress(enabled=not args.json) as progress:
+            outcome = run_tuning(
+                db, settings, args.name, slo_ms=args.slo_ms, objective=args.objective,
+                dataset=args.dataset, progress=progress, quick=args.quick,
+            )  # fmt: skip
+    finally:
+        db.dispose()
+    if args.json:
+        print_json(outcome.to_dict())
+        return 0
+    _print_tuning(outcome)
+    return 0
+
+
+class _progress:
+    """A rich progress bar fed by the tuner's ``progress(step, done, total)`` callback."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Callable[[str, int, int], None] | None:
+        if not self.enabled:
+            return None
+        from rich.progress import Progress
+
+        self._bar = Progress(transient=False)
+        self._bar.start()
+        self._task = self._bar.add_task("tuning", total=None)
+        return self.update
+
+    def update(self, step: str, done: int, total: int) -> None:
+        self._bar.update(self._task, description=step[:60], completed=done, total=total or None)
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _print_tuning(outcome: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title=f"tuning run {outcome.run_id}: {outcome.model}:{outcome.base_version}")
+    for col in ("candidate", "pass", "batch", "items/s", "p50 ms (b=1)", "p95 ms (b=1)", "why"):
+        table.add_column(col)
+    for t in outcome.result.leaderboard:
+        table.add_row(
+            t.name, "yes" if t.passed else "no", str(t.best_batch_size or "-"),
+            _ms(t.throughput), _ms(t.latency_p50_ms), _ms(t.latency_p95_ms), t.reason[:80],
+        )  # fmt: skip
+    console.print(table)
+    if outcome.winner is not None:
+        console.print(f"winner registered as {outcome.model}:{outcome.winner.version} "
+                      f"(speed-up x{outcome.speedup or 0:.2f} over ORT fp32)")  # fmt: skip
+    else:
+        console.print("no candidate passed the guard and the SLO: nothing registered")
+    console.print(f"report: {outcome.report}\nplot: {outcome.plot}")
+
+
+# --- experiments and promotions ---------------------------------------------------------
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """``tunewatch experiment start NAME --candidate V`` / ``experiment stop ID``."""
+    from tuner import experiments
+
+    settings, db = _database(args)
+    try:
+        if args.action == "start":
+            exp = experiments.start(
+                db, args.target, args.candidate, share=args.share, shadow=args.shadow,
+                by=args.by or "cli",
+                min_samples=args.min_samples or settings.experiment_min_samples,
+                max_duration_s=int(args.max_duration.total_seconds()) if args.max_duration
+                else settings.experiment_max_duration_s,
+            )  # fmt: skip
+        else:
+            exp = experiments.stop(db, _int_id(args.target), by=args.by or "cli")
+    finally:
+        db.dispose()
+    if args.json:
+        print_json(exp.to_dict())
+    else:
+        mode = "shadow" if exp.shadow else f"{exp.share:.0%} of traffic"
+        print(f"experiment {exp.id} {exp.status}: {exp.model} champion {exp.champion_version} "
+              f"vs challenger {exp.challenger_version} ({mode})")  # fmt: skip
+    return 0
+
+
+def _int_id(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an id: pass a number") from None
+
+
+def cmd_experiments(args: argparse.Namespace) -> int:
+    """``tunewatch experiments``."""
+    from tuner.experiments import list_experiments
+
+    _settings, db = _database(args)
+    try:
+        rows = list_experiments(db, args.model, args.status)
+    finally:
+        db.dispose()
+    if args.json:
+        print_json({"experiments": [e.to_dict() for e in rows]})
+        return 0
+    for e in rows:
+        mode = "shadow" if e.shadow else f"share {e.share:.2f}"
+        print(f"#{e.id} {e.status:<18} {e.model} {e.champion_version} vs {e.challenger_version} "
+              f"({mode}) {e.reason}")  # fmt: skip
+    if not rows:
+        print("no experiments")
+    return 0
+
+
+def cmd_promotions(args: argparse.Namespace) -> int:
+    """``tunewatch promotions``."""
+    from tuner.promotions import list_promotions
+
+    _settings, db = _database(args)
+    try:
+        rows = list_promotions(db, model=args.model, status=args.status)
+    finally:
+        db.dispose()
+    if args.json:
+        print_json({"promotions": [p.to_dict() for p in rows]})
+        return 0
+    for p in rows:
+        who = f" by {p.decided_by}" if p.decided_by else ""
+        print(f"#{p.id} {p.status:<12} {p.model} {p.from_version} -> {p.to_version}{who} "
+              f"{p.evidence.get('reason', '')}")  # fmt: skip
+        if p.status == "pending":
+            print(f"    approve: tunewatch approve {p.id} --by YOUR_NAME")
+    if not rows:
+        print("no promotions")
+    return 0
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    """``tunewatch approve ID --by NAME`` / ``tunewatch reject ID --by NAME``."""
+    from tuner import promotions
+
+    settings, db = _database(args)
+    try:
+        if args.command == "approve":
+            p = promotions.approve(db, args.id, by=args.by, note=args.note or "",
+                                   watch=timedelta(seconds=settings.promotion_watch_s))  # fmt: skip
+        else:
+            p = promotions.reject(db, args.id, by=args.by, note=args.note or "")
+    finally:
+        db.dispose()
+    if args.json:
+        print_json(p.to_dict())
+    else:
+        print(f"promotion {p.id} {p.status} by {p.decided_by}: {p.model} {p.from_version} -> "
+              f"{p.to_version}")  # fmt: skip
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    """``tunewatch policy NAME``: show or set a model's automation policy."""
+    from tuner.registry import set_policy
+
+    _settings, db = _database(args)
+    try:
+        changes = {k: v for k, v in (("auto_experiment", args.auto_experiment),
+                   ("auto_approve", args.auto_approve), ("share", args.share),
+                   ("shadow", args.shadow)) if v is not None}  # fmt: skip
+        policy = set_policy(db, args.name, changes, by=args.by or "cli")
+    finally:
+        db.dispose()
+    if args.json:
+        print_json({"model": args.name, "policy": policy})
+    else:
+        print(f"{args.name} policy: {json.dumps(policy, sort_keys=True)}")
+    return 0
+
+
+# --- serve -----------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``tunewatch serve``: the scheduler (detection, retuning, analysis) until SIGTERM."""
+    import logging
+
+    from tuner.scheduler import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    overrides = {"database_url": args.database_url, "api_host": args.host, "api_port": args.port}
+    if args.no_auth:
+        overrides["api_auth_disabled"] = True
+    settings = Settings.load(overrides)
+    api = None
+    if not args.no_api:
+        from tuner.api import server
+
+        api = server(settings)
+    return serve(settings, api=api)
+
+
 # --- demo ------------------------------------------------------------------------------
 
 
@@ -147,6 +511,92 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--model", help="only this model")
     st.set_defaults(func=cmd_status)
 
+    det = sub.add_parser("detect", help="run every detector once now", parents=[common])
+    det.add_argument("--model", help="only this model")
+    det.set_defaults(func=cmd_detect)
+
+    dr = sub.add_parser("drift", help="one drift comparison over explicit windows",
+                        parents=[common])  # fmt: skip
+    dr.add_argument("name", help="model name")
+    dr.add_argument("--version", help="model version (default: the most recently seen)")
+    for flag in ("--reference-start", "--reference-end", "--current-start", "--current-end"):
+        dr.add_argument(flag, required=True, help="ISO-8601 time, e.g. 2026-01-31T12:00:00Z")
+    dr.set_defaults(func=cmd_drift)
+
+    ev = sub.add_parser("events", help="list events, or `events ack ID`", parents=[common])
+    ev.add_argument("action", nargs="?", choices=["list", "ack"], default="list")
+    ev.add_argument("id", nargs="?", type=int, help="event id (for ack)")
+    ev.add_argument("--model", help="only this model")
+    ev.add_argument("--status", choices=["open", "acknowledged", "resolved"])
+    ev.add_argument("--by", help="who acknowledges (for ack)")
+    ev.set_defaults(func=cmd_events)
+
+    rg = sub.add_parser("register", help="register a model version", parents=[common])
+    rg.add_argument("name")
+    rg.add_argument("--onnx", required=True, help="path of the ONNX file")
+    rg.add_argument("--version", help="version label (default v<N+1>)")
+    rg.set_defaults(func=cmd_register)
+
+    md = sub.add_parser("models", help="registered versions and their status", parents=[common])
+    md.add_argument("name", nargs="?")
+    md.set_defaults(func=cmd_models)
+
+    tu = sub.add_parser("tune", help="retune a model on production samples", parents=[common])
+    tu.add_argument("name")
+    tu.add_argument("--slo-ms", type=float, default=50.0, help="p95 latency budget (ms)")
+    tu.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
+    tu.add_argument("--dataset", help=".npz with arrays named like the inputs (+ labels)")
+    tu.add_argument("--quick", action="store_true", help="a small, fast search (demos)")
+    tu.set_defaults(func=cmd_tune)
+
+    ex = sub.add_parser("experiment", help="start or stop an experiment", parents=[common])
+    ex.add_argument("action", choices=["start", "stop"])
+    ex.add_argument("target", help="model NAME (start) or experiment ID (stop)")
+    ex.add_argument("--candidate", help="challenger version (start)")
+    ex.add_argument("--share", type=float, default=0.1, help="share of calls (default 0.1)")
+    ex.add_argument("--shadow", action="store_true", help="run the challenger on copies only")
+    ex.add_argument("--min-samples", type=int, help="calls per arm before any decision")
+    ex.add_argument("--max-duration", type=parse_duration, help="e.g. 24h")
+    ex.add_argument("--by", help="who starts/stops it (audit log)")
+    ex.set_defaults(func=cmd_experiment)
+
+    exs = sub.add_parser("experiments", help="list experiments", parents=[common])
+    exs.add_argument("--model")
+    exs.add_argument("--status")
+    exs.set_defaults(func=cmd_experiments)
+
+    pr = sub.add_parser("promotions", help="list promotions", parents=[common])
+    pr.add_argument("--model")
+    pr.add_argument("--status", choices=["pending", "approved", "rejected", "applied",
+                                         "rolled_back"])  # fmt: skip
+    pr.set_defaults(func=cmd_promotions)
+
+    for verb in ("approve", "reject"):
+        d = sub.add_parser(verb, help=f"{verb} a pending promotion", parents=[common])
+        d.add_argument("id", type=int)
+        d.add_argument("--by", required=True, help="who decides (audit log)")
+        d.add_argument("--note", help="why")
+        d.set_defaults(func=cmd_decide)
+
+    po = sub.add_parser("policy", help="show or set a model's automation policy",
+                        parents=[common])  # fmt: skip
+    po.add_argument("name")
+    po.add_argument("--auto-experiment", action=argparse.BooleanOptionalAction, default=None)
+    po.add_argument("--auto-approve", action=argparse.BooleanOptionalAction, default=None)
+    po.add_argument("--share", type=float)
+    po.add_argument("--shadow", action=argparse.BooleanOptionalAction, default=None)
+    po.add_argument("--by")
+    po.set_defaults(func=cmd_policy)
+
+    sv = sub.add_parser("serve", help="run the scheduler and the HTTP API until SIGTERM",
+                        parents=[common])  # fmt: skip
+    sv.add_argument("--host", help="API address (default $TUNEWATCH_API_HOST or 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="API port (default $TUNEWATCH_API_PORT or 8080)")
+    sv.add_argument("--no-api", action="store_true", help="run the scheduler only")
+    sv.add_argument("--no-auth", action="store_true",
+                    help="serve the API without a token (only allowed on 127.0.0.1)")  # fmt: skip
+    sv.set_defaults(func=cmd_serve)
+
     demo = sub.add_parser("demo", help="run the end-to-end demo", parents=[common])
     demo.add_argument("--calls", type=int, default=2000, help="how many calls to send")
     demo.set_defaults(func=cmd_demo)
@@ -158,11 +608,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.func
+    if args.command == "experiment" and args.action == "start" and not args.candidate:
+        parser.error("experiment start needs --candidate VERSION")
     try:
         return handler(args)
     except (MonitorError, TunerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
     except KeyboardInterrupt:
         return 130
 

@@ -1,0 +1,438 @@
+"""Dynamic batching: many concurrent single-item calls become a few batched model calls.
+
+Models on CPU and GPU are far cheaper per item in batches, but a server handles one request
+per thread. :class:`DynamicBatcher` sits between them: callers hand in one item and block on
+their own result while one worker thread gathers pending items into a batch (up to
+``max_batch_size``, waiting at most ``max_delay_ms`` after the batch's first item arrived),
+runs the batch function once and hands each caller its own row of the output.
+
+A batch is a unit of work, not of failure: an item that cannot be stacked with the others runs
+alone, and (with ``isolate_errors``, the default) a batch whose function raises is retried one
+item at a time, so each caller gets its own result or its own exception and one bad request
+never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import Future
+from time import monotonic
+from typing import Any, Protocol
+
+import numpy as np
+
+from monitor.errors import ConfigError, MonitorError
+
+log = logging.getLogger("tunewatch")
+
+
+class Overloaded(MonitorError):
+    """The batcher's queue is full: shed this request (e.g. HTTP 503) or raise ``max_queue``."""
+
+
+class BatcherClosed(MonitorError, RuntimeError):
+    """The batcher was closed; create a new one to submit more items."""
+
+
+class _Sink(Protocol):
+    """What the worker needs from a waiting caller: a Future or the lighter :class:`_Slot`."""
+
+    def set_running_or_notify_cancel(self) -> bool: ...
+    def set_result(self, result: Any) -> None: ...
+    def set_exception(self, exception: BaseException | None) -> None: ...
+
+
+class _Slot:
+    """A one-shot result for a blocking caller: a pre-acquired lock the worker releases.
+
+    Cheaper than a ``Future`` (no Condition, no callbacks) on the path every item takes.
+    """
+
+    __slots__ = ("_done", "_error", "_result")
+
+    def __init__(self) -> None:
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return True
+
+    def set_result(self, result: Any) -> None:
+        self._result = result
+        self._done.release()
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        if not self._done.locked():  # answered already; the caller may be reading it now
+            raise RuntimeError("result already set")
+        self._error = exception
+        self._done.release()
+
+    def wait(self, timeout: float | None) -> Any:
+        if not self._done.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"no result within timeout={timeout} s; the item is still queued")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def stack_rows(items: Sequence[Any]) -> Any:
+    """Default stack: ``np.stack`` the items, or stack each key of dict items (an ONNX feed)."""
+    first = items[0]
+    if isinstance(first, Mapping):
+        return {k: np.stack([item[k] for item in items]) for k in first}
+    return np.stack(items)
+
+
+def unstack_rows(output: Any, n: int) -> list[Any]:
+    """Default unstack: split a batch output into ``n`` per-item results along axis 0.
+
+    An array gives its rows; a dict of arrays gives one dict of rows per item; a list or tuple
+    whose elements are all arrays with ``n`` rows (what ``InferenceSession.run`` returns) gives
+    one list (tuple) of rows per item; any other sequence of length ``n`` is taken as the
+    per-item results themselves. Pass ``unstack=`` when your outputs are ambiguous.
+
+    Raises:
+        ValueError: the output cannot be split into ``n`` results.
+    """
+    if _rows(output) == n:
+        iloc = getattr(output, "iloc", None)  # a DataFrame iterates over its columns
+        return [iloc[i] for i in range(n)] if iloc is not None else list(output)
+    if isinstance(output, Mapping) and all(_rows(v) == n for v in output.values()):
+        return [{k: v[i] for k, v in output.items()} for i in range(n)]
+    if isinstance(output, (list, tuple)):
+        if output and all(_rows(o) == n for o in output):
+            kind = tuple if isinstance(output, tuple) else list
+            return [kind(o[i] for o in output) for i in range(n)]
+        if len(output) == n:
+            return list(output)
+    raise ValueError(
+        f"cannot split the batch function's output ({_describe(output)}) into {n} results: "
+        "return an array with one row per item, a dict or list of such arrays, or a sequence "
+        "of per-item results, or pass unstack="
+    )
+
+
+def _rows(x: Any) -> int | None:
+    shape = getattr(x, "shape", None)
+    return int(shape[0]) if shape else None
+
+
+def _describe(x: Any) -> str:
+    shape = getattr(x, "shape", None)
+    if shape is not None:
+        return f"{type(x).__name__} of shape {tuple(shape)}"
+    if isinstance(x, (list, tuple, Mapping)):
+        return f"{type(x).__name__} of length {len(x)}"
+    return type(x).__name__
+
+
+def _signature(item: Any) -> Hashable:
+    """What must match for items to stack: shapes and dtypes (per key for dict items).
+
+    A heuristic, not a guarantee: a group that still fails to stack runs one item at a time.
+    """
+    if type(item) is np.ndarray:
+        return (item.shape, item.dtype.char)  # hashing the dtype object costs 3x more
+    if isinstance(item, Mapping):
+        return tuple((k, _array_signature(v)) for k, v in item.items())
+    return _array_signature(item)
+
+
+def _array_signature(x: Any) -> Hashable:
+    shape = getattr(x, "shape", None)
+    if shape is not None:
+        return (tuple(shape), getattr(x, "dtype", None))
+    try:
+        return (np.shape(x), type(x).__name__)
+    except Exception:  # ragged or odd: its own group, where it runs (or fails) alone
+        return ("unstackable", id(x))
+
+
+class DynamicBatcher:
+    """Coalesce concurrent single-item calls into batched calls of ``batch_fn``.
+
+    Args:
+        batch_fn: runs one batch: takes ``stack(items)``, returns something ``unstack`` splits.
+        max_batch_size: most items per call of ``batch_fn``; a full batch runs at once.
+        max_delay_ms: longest wait after a batch's first item for more items to arrive.
+        max_queue: most items waiting; beyond it ``submit`` raises :class:`Overloaded`.
+        stack: items -> batch input. Default :func:`stack_rows` (numpy rows or dict feeds);
+            with it, items whose shapes or dtypes differ go into separate batches.
+        unstack: ``(output, n)`` -> ``n`` results. Default :func:`unstack_rows`.
+        isolate_errors: when a batch raises, rerun its items one at a time so each caller
+            gets its own result or exception (``batch_fn`` must be safe to call again, as
+            inference is). When false, every caller in the failed batch gets the exception.
+        name: names the worker thread and the stats.
+
+    Items that fail to stack always run one at a time, whatever ``isolate_errors`` says.
+
+    >>> double = DynamicBatcher(lambda x: 2 * x, max_batch_size=8, max_delay_ms=1.0)
+    >>> double(np.array([1.0, 2.0]))
+    array([2., 4.])
+    >>> double.submit(np.array([3.0, 4.0])).result()
+    array([6., 8.])
+    >>> double.close()
+    >>> double.stats()["items"]
+    2
+    """
+
+    def __init__(
+        self,
+        batch_fn: Callable[[Any], Any],
+        *,
+        max_batch_size: int = 32,
+        max_delay_ms: float = 5.0,
+        max_queue: int = 10_000,
+        stack: Callable[[Sequence[Any]], Any] | None = None,
+        unstack: Callable[[Any, int], Sequence[Any]] | None = None,
+        isolate_errors: bool = True,
+        name: str = "batcher",
+    ) -> None:
+        _check_settings(batch_fn, max_batch_size, max_delay_ms, max_queue)
+        self.name = name
+        self._fn = batch_fn
+        self._max = max_batch_size
+        self._delay = max_delay_ms / 1000.0
+        self._max_queue = max_queue
+        self._group = stack is None  # only the default stack needs shape-matched groups
+        self._stack: Callable[[Sequence[Any]], Any] = stack or stack_rows
+        self._unstack: Callable[[Any, int], Sequence[Any]] = unstack or unstack_rows
+        self._isolate = isolate_errors
+        self._closed = False
+        self._counts = {"batches": 0, "batched_items": 0, "items": 0, "errors": 0, "retried": 0}
+        self._rejected = 0
+        self._start()
+        _LIVE.add(self)
+
+    def _start(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: deque[tuple[Any, _Sink, float]] = deque()
+        self._thread = threading.Thread(target=self._loop, name=f"tunewatch-{self.name}",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    # --- caller side (the hot path) -------------------------------------------------------
+
+    def __call__(self, item: Any, timeout: float | None = None) -> Any:
+        """Run ``item`` in the next batch and return its result (or raise its exception).
+
+        Raises:
+            Overloaded: ``max_queue`` items are already waiting.
+            BatcherClosed: :meth:`close` was called.
+            TimeoutError: no result within ``timeout`` seconds (the item still runs).
+        """
+        slot = _Slot()
+        self._put(item, slot)
+        return slot.wait(timeout)
+
+    def submit(self, item: Any) -> Future[Any]:
+        """Queue ``item`` and return a Future of its result (``asyncio.wrap_future`` awaits it).
+
+        Cancelling the Future before its batch starts keeps the item out of the batch.
+
+        Raises:
+            Overloaded: ``max_queue`` items are already waiting.
+            BatcherClosed: :meth:`close` was called.
+        """
+        future: Future[Any] = Future()
+        self._put(item, future)
+        return future
+
+    def _put(self, item: Any, sink: _Sink) -> None:
+        with self._cond:
+            if self._closed:
+                raise BatcherClosed(f"batcher {self.name!r} is closed: create a new one")
+            n = len(self._pending)
+            if n >= self._max_queue:
+                self._rejected += 1
+                raise Overloaded(
+                    f"batcher {self.name!r} has max_queue={self._max_queue} items waiting: "
+                    "shed load or raise max_queue"
+                )
+            self._pending.append((item, sink, monotonic()))
+            # Wake the worker only when it can act: a first item to time, or a full batch.
+            if n == 0 or n + 1 == self._max:
+                self._cond.notify()
+
+    # --- worker side ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._dispatch(batch)
+            except BaseException as exc:  # a bug here must not leave callers waiting forever
+                log.exception("tunewatch: batcher %r failed to dispatch a batch", self.name)
+                for _, sink, _ in batch:
+                    _deliver_error(sink, exc)
+
+    def _next_batch(self) -> list[tuple[Any, _Sink, float]] | None:
+        """Wait for the next batch: full, or ``max_delay_ms`` old; None once closed and empty."""
+        with self._cond:
+            pending = self._pending
+            while not pending:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            deadline = pending[0][2] + self._delay
+            while len(pending) < self._max and not self._closed:
+                remaining = deadline - monotonic()
+                if remaining <= 0.0:
+                    break
+                self._cond.wait(remaining)
+            return [pending.popleft() for _ in range(min(len(pending), self._max))]
+
+    def _dispatch(self, batch: list[tuple[Any, _Sink, float]]) -> None:
+        live = [(item, sink) for item, sink, _ in batch if sink.set_running_or_notify_cancel()]
+        if not live:
+            return
+        if not self._group:
+            self._run(live)
+            return
+        groups: dict[Hashable, list[tuple[Any, _Sink]]] = {}
+        for entry in live:
+            groups.setdefault(_signature(entry[0]), []).append(entry)
+        for group in groups.values():
+            self._run(group)
+
+    def _run(self, group: list[tuple[Any, _Sink]]) -> None:
+        """Run one stackable group as a batch; fall back to one at a time where it must."""
+        try:
+            stacked = self._stack([item for item, _ in group])
+        except Exception:
+            self._run_singly(group)  # an item that cannot stack must not fail the others
+            return
+        try:
+            results = self._call(stacked, len(group))
+        except BaseException as exc:
+            if self._isolate and len(group) > 1 and isinstance(exc, Exception):
+                self._counts["retried"] += 1
+                self._run_singly(group)
+            else:
+                for _, sink in group:
+                    self._fail(sink, exc)
+            return
+        self._counts["items"] += len(group)
+        for (_, sink), result in zip(group, results):
+            sink.set_result(result)
+
+    def _run_singly(self, group: list[tuple[Any, _Sink]]) -> None:
+        for item, sink in group:
+            try:
+                result = self._call(self._stack([item]), 1)[0]
+            except BaseException as exc:
+                self._fail(sink, exc)
+            else:
+                self._counts["items"] += 1
+                sink.set_result(result)
+
+    def _call(self, stacked: Any, n: int) -> Sequence[Any]:
+        self._counts["batches"] += 1
+        self._counts["batched_items"] += n
+        results = self._unstack(self._fn(stacked), n)
+        if len(results) != n:
+            raise ValueError(f"unstack returned {len(results)} results for {n} items")
+        return results
+
+    def _fail(self, sink: _Sink, exc: BaseException) -> None:
+        self._counts["items"] += 1
+        self._counts["errors"] += 1
+        sink.set_exception(exc)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def close(self, timeout: float | None = None) -> None:
+        """Run every item already queued, then stop the worker; later calls raise.
+
+        ``timeout`` bounds the wait for the queue to drain (None: wait until it has).
+        """
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        _LIVE.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def __enter__(self) -> DynamicBatcher:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: batch-function calls, items answered, mean batch size, errors, queue."""
+        c = self._counts
+        return {
+            "name": self.name,
+            "batches": c["batches"],
+            "items": c["items"],
+            "mean_batch_size": c["batched_items"] / c["batches"] if c["batches"] else 0.0,
+            "errors": c["errors"],
+            "retried_batches": c["retried"],
+            "rejected": self._rejected,
+            "pending": len(self._pending),
+        }
+
+    def _after_fork(self) -> None:
+        """In a forked child the worker thread is gone and parent callers do not exist."""
+        if not self._closed:
+            self._start()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._pending)} pending"
+        return f"<DynamicBatcher {self.name!r} max_batch_size={self._max} {state}>"
+
+
+def _deliver_error(sink: _Sink, exc: BaseException) -> None:
+    with contextlib.suppress(Exception):  # answered before the failure: nothing left to tell
+        sink.set_exception(exc)
+
+
+def _check_settings(
+    batch_fn: Any, max_batch_size: int, max_delay_ms: float, max_queue: int
+) -> None:
+    if not callable(batch_fn):
+        raise TypeError(f"batch_fn of type {type(batch_fn).__name__} is not callable")
+    if isinstance(max_batch_size, bool) or not (
+        isinstance(max_batch_size, int) and max_batch_size >= 1
+    ):
+        raise ConfigError(f"max_batch_size={max_batch_size!r} is invalid: use an integer >= 1")
+    if not (
+        isinstance(max_delay_ms, (int, float)) and math.isfinite(max_delay_ms) and max_delay_ms >= 0
+    ):
+        raise ConfigError(
+            f"max_delay_ms={max_delay_ms!r} is invalid: use milliseconds >= 0, e.g. 5.0"
+        )
+    if isinstance(max_queue, bool) or not (isinstance(max_queue, int) and max_queue >= 1):
+        raise ConfigError(f"max_queue={max_queue!r} is invalid: use an integer >= 1")
+
+
+_LIVE: weakref.WeakSet[DynamicBatcher] = weakref.WeakSet()
+
+
+def _restart_after_fork() -> None:
+    for batcher in list(_LIVE):
+        batcher._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_restart_after_fork)
+
+
+__all__ = ["BatcherClosed", "DynamicBatcher", "Overloaded", "stack_rows", "unstack_rows"]

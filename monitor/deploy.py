@@ -1,0 +1,294 @@
+"""Serving from the registry: the champion, a challenger share, shadow runs, dynamic batching.
+
+A :class:`Deployment` holds an immutable routing state. A poller thread reloads the routing from
+the database every ``poll_s`` seconds and, when it changed, builds the new state (sessions,
+batchers) off the call path and swaps it in with one assignment: no call fails or waits during
+a swap, and a promotion takes effect without restarting the serving process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import zlib
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from random import random
+from time import perf_counter_ns
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from monitor.errors import ConfigError
+from monitor.registry import Routing, VersionInfo, routing, verify_artifact
+
+if TYPE_CHECKING:
+    from monitor.core import Monitor
+
+log = logging.getLogger("tunewatch.deploy")
+Runner = Callable[[Any], Any]
+
+
+def unit_interval(key: str | bytes | int) -> float:
+    """A stable hash of ``key`` in [0, 1): the same key always lands on the same arm.
+
+    >>> unit_interval("user-42") == unit_interval("user-42")
+    True
+    """
+    data = key if isinstance(key, bytes) else str(key).encode()
+    return zlib.crc32(data) / 4294967296.0
+
+
+@dataclass(frozen=True)
+class _State:
+    """One routing generation: what to call for each arm."""
+
+    routing: Routing
+    champion: Runner
+    challenger: Runner | None
+    shadow: Runner | None
+    closers: tuple[Callable[[], None], ...]
+
+
+def agreement(a: Any, b: Any) -> tuple[bool, float]:
+    """Do two outputs agree? Top-1 for class scores, cosine for embeddings, 1 % for values."""
+    x, y = _first(a), _first(b)
+    if x.shape != y.shape:
+        return False, 0.0
+    flat_x = x.reshape(len(x), -1) if x.ndim > 1 else x.reshape(-1, 1)
+    flat_y = y.reshape(len(y), -1) if y.ndim > 1 else y.reshape(-1, 1)
+    if flat_x.shape[1] == 1:
+        close = np.isclose(flat_x, flat_y, rtol=0.01, atol=1e-6)
+        return bool(close.all()), float(close.mean())
+    if flat_x.shape[1] < 128:
+        same = flat_x.argmax(axis=1) == flat_y.argmax(axis=1)
+        return bool(same.all()), float(same.mean())
+    cos = (flat_x * flat_y).sum(1) / (
+        np.linalg.norm(flat_x, axis=1) * np.linalg.norm(flat_y, axis=1) + 1e-12
+    )
+    return bool((cos >= 0.99).all()), float(cos.mean())
+
+
+def _first(out: Any) -> np.ndarray:
+    if isinstance(out, Mapping):
+        out = next(iter(out.values()))
+    if isinstance(out, (list, tuple)):
+        out = out[0]
+    return np.asarray(out, dtype=np.float64)
+
+
+class Deployment:
+    """A callable serving ``model`` from the registry: ``dep(feed, key=None)``.
+
+    ``feed`` is what the ONNX session takes (a dict of arrays by input name, or one array for
+    a single-input model). With ``key`` the arm is sticky (a hash of the key against the
+    challenger's share); without it, random. In shadow mode the champion answers and the
+    challenger runs on a copy off the caller's path, its agreement recorded.
+    """
+
+    def __init__(
+        self,
+        monitor: Monitor,
+        model: str,
+        *,
+        poll_s: float = 5.0,
+        batching: bool | None = None,
+        max_batch_size: int | None = None,
+        max_delay_ms: float | None = None,
+        shadow_queue: int = 1000,
+    ) -> None:
+        if poll_s <= 0:
+            raise ConfigError(f"poll_s={poll_s!r} must be > 0 seconds")
+        self._mon = monitor
+        self.model = model
+        self.poll_s = poll_s
+        self._batching = batching
+        self._max_batch = max_batch_size
+        self._max_delay = max_delay_ms
+        self._shadow_q: deque[tuple[_State, Any, Any]] = deque()
+        self._shadow_max = shadow_queue
+        self._shadow_wake = threading.Event()
+        self._stop = threading.Event()
+        self._state = self._build(routing(monitor.db, model))
+        self.reloads = 0
+        self._threads = [
+            threading.Thread(target=self._poll, name=f"tunewatch-poll-{model}", daemon=True),
+            threading.Thread(target=self._shadow_loop, name=f"tunewatch-shadow-{model}",
+                             daemon=True),
+        ]  # fmt: skip
+        for t in self._threads:
+            t.start()
+
+    # --- the call path ------------------------------------------------------------------
+
+    def __call__(self, feed: Any, key: str | bytes | int | None = None) -> Any:
+        """Serve one call from the arm this call (or ``key``) routes to."""
+        state = self._state  # one read: a concurrent swap never mixes generations
+        r = state.routing
+        if state.challenger is not None and not r.shadow:
+            u = unit_interval(key) if key is not None else random()
+            if u < r.share:
+                return state.challenger(feed)
+        result = state.champion(feed)
+        if (
+            state.shadow is not None
+            and (random() < r.share)
+            and len(self._shadow_q) < self._shadow_max
+        ):
+            self._shadow_q.append((state, feed, result))
+            self._shadow_wake.set()
+        return result
+
+    @property
+    def routing(self) -> Routing:
+        """The routing currently served."""
+        return self._state.routing
+
+    # --- building states ----------------------------------------------------------------
+
+    def _build(self, r: Routing) -> _State:
+        closers: list[Callable[[], None]] = []
+        champ = self._runner(r.champion, "champion", closers)
+        challenger = shadow = None
+        if r.challenger is not None and r.experiment_id is not None:
+            arm = "shadow" if r.shadow else "challenger"
+            runner = self._runner(r.challenger, arm, closers)
+            if r.shadow:
+                shadow = runner
+            else:
+                challenger = runner
+        return _State(r, champ, challenger, shadow, tuple(closers))
+
+    def _runner(self, info: VersionInfo, arm: str, closers: list[Callable[[], None]]) -> Runner:
+        session = _session(info)
+        names = [i.name for i in session.get_inputs()]
+        wrapped = self._mon.wrap(session, name=info.model, version=info.version, arm=arm)
+        batch = int(self._max_batch or info.config.get("batch_size") or 1)
+        use_batching = self._batching if self._batching is not None else batch > 1
+        if not use_batching:
+            return lambda feed: wrapped.run(None, _as_feed(feed, names))
+        from monitor.batching import DynamicBatcher
+
+        delay = float(self._max_delay if self._max_delay is not None
+                      else info.config.get("max_delay_ms", 5.0))  # fmt: skip
+        batcher: Any = DynamicBatcher(
+            lambda feed: session.run(None, feed), max_batch_size=max(1, batch),
+            max_delay_ms=delay, stack=_concat_rows, unstack=_split_rows,
+            name=f"{info.model}:{info.version}",
+        )  # fmt: skip
+        closers.append(batcher.close)
+        # Each caller's call is recorded (its wait included) with its arm and version.
+        per_call = self._mon.wrap(lambda feed: batcher(_as_feed(feed, names)), name=info.model,
+                                  version=info.version, arm=arm)  # fmt: skip
+        return per_call
+
+    # --- background threads -------------------------------------------------------------
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.reload()
+
+    def reload(self) -> bool:
+        """Re-read the routing now; swap in a new state when it changed. Never raises."""
+        try:
+            fresh = routing(self._mon.db, self.model)
+            if fresh.signature == self._state.routing.signature:
+                return False
+            new = self._build(fresh)
+        except Exception as exc:  # keep serving the current state
+            log.error("deployment %s: routing reload failed, keeping the current one: %s",
+                      self.model, exc)  # fmt: skip
+            return False
+        old, self._state = self._state, new
+        self.reloads += 1
+        log.info("deployment %s: now serving %s", self.model, _describe(fresh))
+        threading.Timer(max(1.0, self.poll_s), _close_all, args=(old.closers,)).start()
+        return True
+
+    def _shadow_loop(self) -> None:
+        while not self._stop.is_set():
+            self._shadow_wake.wait(0.5)
+            self._shadow_wake.clear()
+            while self._shadow_q:
+                state, feed, champion_out = self._shadow_q.popleft()
+                self._compare(state, feed, champion_out)
+
+    def _compare(self, state: _State, feed: Any, champion_out: Any) -> None:
+        assert state.shadow is not None and state.routing.experiment_id is not None
+        t0 = perf_counter_ns()
+        try:
+            out = state.shadow(feed)
+            agreed, score = agreement(champion_out, out)
+            error = False
+        except Exception:  # the challenger's failure is evidence, not a crash
+            agreed, score, error = False, 0.0, True
+        ms = (perf_counter_ns() - t0) / 1e6
+        self._mon._writer.shadow(state.routing.experiment_id, agreed, score, error, ms)
+
+    def close(self) -> None:
+        """Stop polling and shadowing; drain batchers."""
+        self._stop.set()
+        self._shadow_wake.set()
+        _close_all(self._state.closers)
+
+
+def _close_all(closers: tuple[Callable[[], None], ...]) -> None:
+    for close in closers:
+        try:
+            close()
+        except Exception:  # closing an old generation must not disturb serving
+            log.exception("closing an old routing generation failed")
+
+
+def _describe(r: Routing) -> str:
+    if r.challenger is None:
+        return f"champion {r.champion.version}"
+    mode = "shadow" if r.shadow else f"{r.share:.0%} to"
+    return f"champion {r.champion.version}, {mode} challenger {r.challenger.version}"
+
+
+def _concat_rows(items: Any) -> dict[str, np.ndarray]:
+    """Join single-row feeds (each with a batch axis of 1) into one batch feed."""
+    return {k: np.concatenate([item[k] for item in items]) for k in items[0]}
+
+
+def _split_rows(outputs: Any, n: int) -> list[list[np.ndarray]]:
+    """Give each caller its own row of every output, keeping the batch axis of 1."""
+    return [[out[i : i + 1] for out in outputs] for i in range(n)]
+
+
+def _as_feed(feed: Any, names: list[str]) -> Any:
+    if isinstance(feed, Mapping):
+        return feed
+    if len(names) == 1:
+        return {names[0]: feed}
+    raise ConfigError(f"this model takes inputs {names}: pass a dict of arrays by input name")
+
+
+def _session(info: VersionInfo) -> Any:
+    """An ONNX Runtime session for a verified artifact with the tuned runtime options."""
+    import onnxruntime as ort
+
+    path = verify_artifact(info)
+    runtime = info.config.get("runtime") or {}
+    options = ort.SessionOptions()
+    threads = int(runtime.get("threads") or 0)
+    if threads:
+        options.intra_op_num_threads = threads
+    spinning = bool(runtime.get("spinning", False))
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    level = _GRAPH_LEVELS.get(str(runtime.get("graph_optimization", "all")), "ORT_ENABLE_ALL")
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    provider = str(runtime.get("provider") or "CPUExecutionProvider")
+    if provider not in ort.get_available_providers():
+        log.warning("%s:%s was tuned for %s, which is not available here: using the CPU",
+                    info.model, info.version, provider)  # fmt: skip
+        provider = "CPUExecutionProvider"
+    return ort.InferenceSession(str(path), options, providers=[provider])
+
+
+_GRAPH_LEVELS = {
+    "disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL",
+}  # fmt: skip

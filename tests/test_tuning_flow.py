@@ -1,0 +1,161 @@
+"""Registry and tuning end to end: register, tamper, tune on production samples, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from monitor import Monitor, Settings, schema
+from monitor.registry import champion, list_versions
+from monitor.storage import Database
+from tests.tuner_fixtures import export, load_digits_split, trained_mlp
+from tuner import registry
+from tuner.cli import main
+from tuner.errors import ArtifactError, Conflict, NotEnoughSamples
+from tuner.tuning import run_tuning
+
+
+@pytest.fixture(scope="module")
+def mlp_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    digits = load_digits_split()
+    path = export(trained_mlp(digits), digits.x_calib[:4], tmp_path_factory.mktemp("m") / "m.onnx")
+    return path, digits.x_holdout
+
+
+def _settings(url: str, tmp_path: Path) -> Settings:
+    return Settings(database_url=url, artifacts_dir=str(tmp_path / "artifacts"))
+
+
+def test_register_champion_candidate_and_list(
+    db_url: str,
+    tmp_path: Path,
+    mlp_onnx: tuple[Path, np.ndarray],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = _settings(db_url, tmp_path)
+    db = Database(db_url)
+    first = registry.register("digits", mlp_onnx[0], db=db, settings=settings)
+    second = registry.register("digits", mlp_onnx[0], db=db, settings=settings)
+    assert (first.version, first.status) == ("v1", "champion")
+    assert (second.version, second.status, second.parent_version) == ("v2", "candidate", None)
+    assert Path(first.artifact_path).is_file() and first.sha256 == second.sha256
+    with pytest.raises(Conflict, match="'v2' already"):
+        registry.register("digits", mlp_onnx[0], version="v2", db=db, settings=settings)
+    db.dispose()
+    code = main(["models", "--json", "--database-url", db_url])
+    listed = json.loads(capsys.readouterr().out)["models"]
+    assert code == 0
+    assert [(m["version"], m["status"], m["artifact"]) for m in listed] == [
+        ("v1", "champion", first.artifact_path),
+        ("v2", "candidate", second.artifact_path),
+    ]
+
+
+def test_swapped_artifact_is_refused(
+    sqlite_url: str, tmp_path: Path, mlp_onnx: tuple[Path, np.ndarray]
+) -> None:
+    settings = _settings(sqlite_url, tmp_path)
+    db = Database(sqlite_url)
+    info = registry.register("digits", mlp_onnx[0], db=db, settings=settings)
+    Path(info.artifact_path).write_bytes(b"not the model")
+    with pytest.raises(ArtifactError, match="corrupted or was swapped"):
+        registry.verified_artifact(info)
+    with pytest.raises(ArtifactError, match="corrupted"):
+        run_tuning(db, settings, "digits")
+    db.dispose()
+
+
+def test_register_rejects_a_bad_file(sqlite_url: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage")
+    code = main(["register", "m", "--onnx", str(bad), "--database-url", sqlite_url])
+    assert code == 1
+    with pytest.raises(ArtifactError, match="does not exist"):
+        registry.register("m", tmp_path / "missing.onnx", settings=_settings(sqlite_url, tmp_path))
+
+
+def _serve_traffic(url: str, onnx_path: str, rows: np.ndarray) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_path)
+    name = session.get_inputs()[0].name
+    with Monitor(url, sample_rate=1.0, sample_cap_per_minute=100_000) as mon:
+        wrapped = mon.wrap(session, name="digits", version="v1")
+        for i in range(0, len(rows), 8):
+            wrapped.run(None, {name: rows[i : i + 8]})
+
+
+def test_tune_on_production_samples_registers_the_winner(
+    db_url: str,
+    tmp_path: Path,
+    mlp_onnx: tuple[Path, np.ndarray],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = _settings(db_url, tmp_path)
+    db = Database(db_url)
+    base = registry.register("digits", mlp_onnx[0], db=db, settings=settings)
+    _serve_traffic(db_url, base.artifact_path, mlp_onnx[1][:20])
+    with pytest.raises(NotEnoughSamples, match="has 20 stored raw input samples.*at least 48"):
+        run_tuning(db, settings, "digits", quick=True)
+    _serve_traffic(db_url, base.artifact_path, mlp_onnx[1][20:200])
+    outcome = run_tuning(db, settings, "digits", slo_ms=20.0, quick=True)
+    out = outcome.to_dict()
+    assert out["winner"] is not None and out["winner"]["version"] == f"v1-t{outcome.run_id}"
+    assert out["winner"]["config"]["batch_size"] >= 1 and Path(out["winner"]["artifact"]).is_file()
+    names = {t["name"] for t in out["leaderboard"]}
+    assert {"ort-fp32", "dynamic-s8-pc", "static-minmax-u8-all"} <= names
+    assert all({"passed", "reason", "config", "accuracy"} <= set(t) for t in out["leaderboard"])
+    assert Path(out["report"]).read_text().count("|") > 10 and Path(out["plot"]).stat().st_size > 0
+    assert out["data"] == "production samples of digits:v1"
+    versions = {v.version: v for v in list_versions(db, "digits")}
+    assert versions[out["winner"]["version"]].status == "candidate"
+    assert versions[out["winner"]["version"]].parent_version == "v1"
+    assert champion(db, "digits").version == "v1"
+    with db.session() as s:
+        run = s.get(schema.TuningRun, outcome.run_id)
+        trials = s.scalar(
+            select(func.count())
+            .select_from(schema.TuningTrial)
+            .where(schema.TuningTrial.run_id == outcome.run_id)
+        )
+        assert run is not None and run.status == "done" and run.winner_version is not None
+    assert trials == len(out["leaderboard"])
+    db.dispose()
+
+
+def test_tune_cli_json_with_a_dataset(
+    sqlite_url: str,
+    tmp_path: Path,
+    mlp_onnx: tuple[Path, np.ndarray],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = _settings(sqlite_url, tmp_path)
+    monkeypatch.setenv("TUNEWATCH_ARTIFACTS_DIR", settings.artifacts_dir)
+    registry.register("digits", mlp_onnx[0], settings=settings)
+    digits = load_digits_split()
+    data = tmp_path / "data.npz"
+    np.savez(data, input=digits.x_holdout[:128], labels=digits.y_holdout[:128])
+    code = main(
+        [
+            "tune",
+            "digits",
+            "--dataset",
+            str(data),
+            "--quick",
+            "--slo-ms",
+            "20",
+            "--json",
+            "--database-url",
+            sqlite_url,
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    out = json.loads(capsys.readouterr().out)
+    assert out["data"] == f"dataset {data}"
+    assert "accuracy" in out["winner"]["accuracy"] or out["winner"]["accuracy"]
+    assert {"version", "artifact", "config"} <= set(out["winner"])

@@ -1,0 +1,298 @@
+"""Judging experiments on live data, and watching promotions after they are applied.
+
+For each live experiment the analysis compares the arms since it started:
+- latency: Mann-Whitney U with a Hodges-Lehmann effect-size gate, both ways (slower is a
+  guardrail breach, faster beyond the tolerance is what makes a challenger better);
+- error rate: an always-valid sequential test (mSPRT), safe under a look every minute;
+- output agreement: from shadow comparisons, or, for split traffic, the drift of the
+  challenger's output distribution against the champion's.
+A breach rolls the experiment back at once (share to 0, event, notification); a better
+challenger gets a promotion request with the evidence; at the maximum duration an
+inconclusive experiment stops with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+
+from monitor import schema, sketch
+from monitor.events import Finding, Notifier, apply_finding
+from monitor.settings import Settings
+from monitor.storage import Database, read_aggregates, read_samples, utcnow
+from tuner import experiments, promotions
+from tuner.experiments import ExperimentInfo
+
+log = logging.getLogger("tunewatch.analysis")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one look at an experiment concluded."""
+
+    experiment_id: int
+    decision: str  # continue | rollback | promote | inconclusive
+    reason: str
+    evidence: dict[str, Any]
+    promotion_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"experiment_id": self.experiment_id, "decision": self.decision,
+                "reason": self.reason, "promotion_id": self.promotion_id,
+                "evidence": self.evidence}  # fmt: skip
+
+
+def challenger_arm(exp: ExperimentInfo) -> str:
+    """The arm label the challenger's calls are recorded under."""
+    return "shadow" if exp.shadow else "challenger"
+
+
+def arm_stats(
+    db: Database, model: str, version: str, arm: str, start: datetime, end: datetime
+) -> dict[str, Any]:
+    """Calls, errors and latency quantiles of one arm in a window (from interval aggregates)."""
+    rows = read_aggregates(db, model, version, arm=arm, start=_floor(start), end=end)
+    hist = sketch.merge(r.buckets for r in rows)
+    calls, errors = sum(r.calls for r in rows), sum(r.errors for r in rows)
+    p50, p95, p99 = sketch.quantiles(hist, (0.5, 0.95, 0.99))
+    return {
+        "version": version, "arm": arm, "calls": calls, "errors": errors,
+        "error_rate": errors / calls if calls else 0.0,
+        "p50_ms": _num(p50), "p95_ms": _num(p95), "p99_ms": _num(p99), "_hist": hist,
+        "_timeline": [(r.interval_start, r.calls, r.buckets) for r in rows],
+    }  # fmt: skip
+
+
+def _floor(t: datetime) -> datetime:
+    return t.replace(second=0, microsecond=0)
+
+
+def _num(x: float) -> float | None:
+    return None if x != x else round(x, 4)
+
+
+def analyze(
+    db: Database, settings: Settings, exp: ExperimentInfo, now: datetime | None = None
+) -> Verdict:
+    """Look at one live experiment (no side effects)."""
+    from monitor.sequential import ErrorRateTest
+    from monitor.stats import compare_latencies
+
+    now = now or utcnow()
+    champ = arm_stats(db, exp.model, exp.champion_version, "champion", exp.started_at, now)
+    chall = arm_stats(db, exp.model, exp.challenger_version, challenger_arm(exp),
+                      exp.started_at, now)  # fmt: skip
+    cv, cw = sketch.expand(champ["_hist"])
+    xv, xw = sketch.expand(chall["_hist"])
+    tol = settings.experiment_latency_tolerance
+    gate: dict[str, Any] = {
+        "tolerance": tol,
+        "alpha": settings.experiment_alpha,
+        "min_samples": exp.min_samples,
+    }
+    slower = compare_latencies(cv, xv, baseline_weights=cw, recent_weights=xw, **gate)
+    faster = compare_latencies(xv, cv, baseline_weights=xw, recent_weights=cw, **gate)
+    errors = ErrorRateTest(alpha=settings.experiment_alpha, min_samples=exp.min_samples).update(
+        champ["calls"], champ["errors"], chall["calls"], chall["errors"]
+    )
+    agreement = _agreement(db, settings, exp, now)
+    evidence = {
+        "arms": {"champion": _public(champ), "challenger": _public(chall)},
+        "latency": slower.to_dict(), "latency_challenger_faster": faster.to_dict(),
+        "error_rate": errors.to_dict(), "agreement": agreement,
+        "timeline": _timeline(champ) + _timeline(chall, "challenger"),
+        "window": [exp.started_at.isoformat(), now.isoformat()],
+    }  # fmt: skip
+    decision, reason = _decide(exp, settings, slower, faster, errors, agreement, champ, chall, now)
+    evidence.update(decision=decision, reason=reason)
+    return Verdict(exp.id, decision, reason, evidence)
+
+
+def _decide(
+    exp: ExperimentInfo, settings: Settings, slower: Any, faster: Any, errors: Any,
+    agreement: dict[str, Any], champ: dict[str, Any], chall: dict[str, Any], now: datetime,
+) -> tuple[str, str]:  # fmt: skip
+    if slower.regressed:
+        return "rollback", f"guardrail: challenger latency regressed ({slower.reason})"
+    if errors.decision == "challenger_worse":
+        return "rollback", f"guardrail: challenger error rate is higher ({errors.reason})"
+    rate = agreement.get("rate")
+    if (
+        rate is not None
+        and agreement.get("compared", 0) >= exp.min_samples
+        and (rate < settings.experiment_min_agreement)
+    ):
+        return "rollback", (
+            f"guardrail: challenger agrees with the champion on {rate:.2%} of "
+            f"{agreement['source']} comparisons (< {settings.experiment_min_agreement:.0%})"
+        )
+    enough = min(champ["calls"], chall["calls"]) >= exp.min_samples
+    if enough and faster.regressed and agreement.get("ok", True):
+        return "promote", f"challenger is faster within the guardrails ({faster.reason})"
+    if (now - exp.started_at).total_seconds() >= exp.max_duration_s:
+        return "inconclusive", (
+            f"no decision after the maximum duration of {exp.max_duration_s} s: "
+            f"{champ['calls']} champion and {chall['calls']} challenger calls; "
+            f"latency: {faster.reason}"
+        )
+    if not enough:
+        return "continue", (
+            f"collecting: {champ['calls']} champion and {chall['calls']} challenger calls "
+            f"of {exp.min_samples} needed per arm"
+        )
+    return "continue", f"no difference yet ({faster.reason})"
+
+
+def _agreement(
+    db: Database, settings: Settings, exp: ExperimentInfo, now: datetime
+) -> dict[str, Any]:
+    if exp.shadow:
+        t = schema.ShadowAggregate
+        with db.session() as s:
+            compared, agreed, score = s.execute(
+                select(func.sum(t.compared), func.sum(t.agreed), func.sum(t.score_sum))
+                .where(t.experiment_id == exp.id)
+            ).one()  # fmt: skip
+        compared, agreed = int(compared or 0), int(agreed or 0)
+        rate = agreed / compared if compared else None
+        return {"source": "shadow", "compared": compared, "agreed": agreed, "rate": rate,
+                "mean_score": (score or 0.0) / compared if compared else None,
+                "ok": rate is None or rate >= settings.experiment_min_agreement}  # fmt: skip
+    return _split_agreement(db, settings, exp, now)
+
+
+def _split_agreement(
+    db: Database, settings: Settings, exp: ExperimentInfo, now: datetime
+) -> dict[str, Any]:
+    """Split traffic sees different inputs, so compare the arms' output distributions."""
+    from monitor.detect import outputs_frame
+    from monitor.drift import compute_drift
+
+    def outputs(version: str, arm: str) -> Any:
+        rows = read_samples(db, exp.model, version, arm=arm, start=exp.started_at, end=now,
+                            limit=settings.drift_max_rows)  # fmt: skip
+        return outputs_frame(rows)
+
+    ref = outputs(exp.champion_version, "champion")
+    cur = outputs(exp.challenger_version, "challenger")
+    if ref.empty or cur.empty:
+        return {"source": "split", "compared": 0, "rate": None, "ok": True,
+                "note": "no sampled outputs yet"}  # fmt: skip
+    result = compute_drift(ref, cur, min_rows=min(30, settings.drift_min_rows),
+                           alpha=settings.experiment_alpha)  # fmt: skip
+    return {"source": "split", "compared": result.n_current, "rate": None,
+            "drift_detected": result.drift_detected, "share_drifted": result.share_drifted,
+            "ok": not result.drift_detected, "note": result.message}  # fmt: skip
+
+
+def _public(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in stats.items() if not k.startswith("_")}
+
+
+def _timeline(stats: dict[str, Any], arm: str = "champion") -> list[dict[str, Any]]:
+    by_minute: dict[datetime, list[Any]] = {}
+    for start, _calls, buckets in stats["_timeline"]:
+        by_minute.setdefault(_floor(start), []).append(buckets)
+    out = []
+    for minute, hists in sorted(by_minute.items()):
+        merged = sketch.merge(hists)
+        p50, p95 = sketch.quantiles(merged, (0.5, 0.95))
+        out.append({"t": minute.isoformat(), "arm": arm, "calls": sum(merged.values()),
+                    "p50_ms": _num(p50), "p95_ms": _num(p95)})  # fmt: skip
+    return out
+
+
+# --- acting on verdicts ----------------------------------------------------------------
+
+
+def run_analysis(
+    db: Database, settings: Settings, *, notifier: Notifier | None = None,
+    now: datetime | None = None,
+) -> list[Verdict]:  # fmt: skip
+    """Analyze every running experiment once and act on each verdict."""
+    notifier = notifier or Notifier(settings.webhook_url)
+    verdicts = []
+    for exp in experiments.list_experiments(db, status="running"):
+        verdict = analyze(db, settings, exp, now)
+        verdicts.append(_act(db, settings, exp, verdict, notifier))
+    return verdicts
+
+
+def _act(
+    db: Database, settings: Settings, exp: ExperimentInfo, v: Verdict, notifier: Notifier
+) -> Verdict:
+    if v.decision == "rollback":
+        experiments.end(db, exp.id, "rolled_back", by="analysis", reason=v.reason,
+                        action="experiment_rolled_back", analysis=v.evidence)  # fmt: skip
+        _event(db, notifier, "experiment_rollback", exp.model, exp.challenger_version, v.reason,
+               v.to_dict())  # fmt: skip
+        return v
+    if v.decision == "inconclusive":
+        experiments.end(db, exp.id, "inconclusive", by="analysis", reason=v.reason,
+                        analysis=v.evidence)  # fmt: skip
+        return v
+    if v.decision == "promote":
+        experiments.set_status(db, exp.id, "promotion_pending", v.evidence)
+        p = promotions.request(db, exp.model, exp.challenger_version, evidence=v.evidence,
+                               experiment_id=exp.id,
+                               watch=timedelta(seconds=settings.promotion_watch_s))  # fmt: skip
+        notifier.notify_text(f"promotion {p.id} of {exp.model}:{exp.challenger_version} "
+                             f"is {p.status}: {v.reason}")  # fmt: skip
+        return Verdict(v.experiment_id, v.decision, v.reason, v.evidence, p.id)
+    experiments.set_status(db, exp.id, "running", v.evidence)
+    return v
+
+
+def _event(
+    db: Database, notifier: Notifier, kind: str, model: str, version: str, summary: str,
+    details: dict[str, Any],
+) -> None:  # fmt: skip
+    finding = Finding(kind, model, version, "", True, "critical", summary, details)
+    event = apply_finding(db, finding)
+    if event is not None:
+        notifier.notify(event)
+
+
+# --- after a promotion -----------------------------------------------------------------
+
+
+def watch_promotions(
+    db: Database, settings: Settings, *, notifier: Notifier | None = None,
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Roll back applied promotions whose new champion regressed inside the watch window."""
+    from monitor.sequential import ErrorRateTest
+    from monitor.stats import compare_latencies
+
+    notifier = notifier or Notifier(settings.webhook_url)
+    now = now or utcnow()
+    out = []
+    for p in promotions.watched(db, now):
+        assert p.applied_at is not None
+        span = now - p.applied_at
+        after = arm_stats(db, p.model, p.to_version, "champion", p.applied_at, now)
+        before = arm_stats(db, p.model, p.from_version, "champion", p.applied_at - span,
+                           p.applied_at)  # fmt: skip
+        bv, bw = sketch.expand(before["_hist"])
+        av, aw = sketch.expand(after["_hist"])
+        lat = compare_latencies(bv, av, baseline_weights=bw, recent_weights=aw,
+                                tolerance=settings.experiment_latency_tolerance,
+                                min_samples=settings.experiment_min_samples)  # fmt: skip
+        err = ErrorRateTest(min_samples=settings.experiment_min_samples).update(
+            before["calls"], before["errors"], after["calls"], after["errors"])  # fmt: skip
+        reason = ""
+        if lat.regressed:
+            reason = f"after promotion the new champion regressed: {lat.reason}"
+        elif err.decision == "challenger_worse":
+            reason = f"after promotion the error rate rose: {err.reason}"
+        if reason:
+            promotions.rollback(db, p.id, reason=reason, by="watch")
+            details = {"promotion_id": p.id, "latency": lat.to_dict(), "error_rate": err.to_dict()}
+            _event(db, notifier, "promotion_rollback", p.model, p.to_version, reason, details)
+        out.append({"promotion_id": p.id, "rolled_back": bool(reason), "reason": reason})
+    return out

@@ -1,0 +1,658 @@
+"""Rebuild a model's fast variants, prove they are still right, and pick the fastest.
+
+The smart search screens every variant once (one thread, one batch size), keeps the few fastest
+that pass the accuracy guard, then tunes threads, spinning and batch size only for those.
+``exhaustive=True`` instead runs the full batch search for every variant and runtime option.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from tuner.batch_search import (
+    BatchSearchResult,
+    CurvePoint,
+    MeasureConfig,
+    measure_batch,
+    search_batch_size,
+)
+from tuner.candidates import (
+    BuildContext,
+    BuiltCandidate,
+    CandidateSpec,
+    Kind,
+    Runner,
+    SearchSpace,
+    Skipped,
+    build_candidate,
+    enumerate_candidates,
+    open_runner,
+)
+from tuner.errors import ArtifactError, NotEnoughSamples, TunerError
+from tuner.guard import AccuracyGuard, GuardResult, Task, Tolerance
+from tuner.onnx_tools import (
+    CPU,
+    Feeds,
+    RuntimeOptions,
+    as_feeds,
+    describe_inputs,
+    iter_chunks,
+    load_session,
+    make_batch,
+    num_rows,
+    output_names,
+    sha256_file,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+Objective = Literal["throughput", "latency"]
+Progress = Callable[[str, int, int], None]
+Data = Mapping[str, np.ndarray] | np.ndarray
+MIN_CALIBRATION_ROWS = 8
+MIN_HOLDOUT_ROWS = 16
+# Fractions of the most damaged nodes a failing static candidate may leave in float, per retry.
+RETRY_FRACTIONS = (0.1, 0.3)
+# A thread count must beat the previous one by this much to be worth its extra cores.
+MIN_GAIN = 0.05
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One candidate as measured: config, artifact, speed, accuracy, verdict and reason.
+
+    ``passed`` means the guard passed and, when its batch search ran, a batch size met the SLO.
+    Latencies are at batch 1; ``throughput`` is at ``best_batch_size`` under ``config["runtime"]``.
+    """
+
+    name: str
+    config: dict[str, Any]
+    artifact: str | None
+    sha256: str | None
+    passed: bool
+    reason: str
+    accuracy: dict[str, float] = field(default_factory=dict)
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    throughput: float | None = None
+    best_batch_size: int | None = None
+    screen: CurvePoint | None = None
+    curve: tuple[CurvePoint, ...] = ()
+    stage: str = "screened"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return JSON-serialisable values."""
+        return {
+            "name": self.name,
+            "config": self.config,
+            "artifact": self.artifact,
+            "sha256": self.sha256,
+            "passed": self.passed,
+            "reason": self.reason,
+            "accuracy": dict(self.accuracy),
+            "latency_p50_ms": self.latency_p50_ms,
+            "latency_p95_ms": self.latency_p95_ms,
+            "throughput": self.throughput,
+            "best_batch_size": self.best_batch_size,
+            "screen": self.screen.to_dict() if self.screen else None,
+            "curve": [p.to_dict() for p in self.curve],
+            "stage": self.stage,
+        }
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """Every trial (best first), the winner, the skipped candidates and how the search ran."""
+
+    leaderboard: list[Trial]
+    winner: Trial | None
+    skipped: list[Skipped]
+    objective: str
+    slo_ms: float
+    mode: str
+    task: str
+    elapsed_s: float
+    measurements: int
+    screen_batch_size: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return JSON-serialisable values."""
+        return {
+            "leaderboard": [t.to_dict() for t in self.leaderboard],
+            "winner": self.winner.name if self.winner else None,
+            "skipped": [s.to_dict() for s in self.skipped],
+            "objective": self.objective,
+            "slo_ms": self.slo_ms,
+            "mode": self.mode,
+            "task": self.task,
+            "elapsed_s": self.elapsed_s,
+            "measurements": self.measurements,
+            "screen_batch_size": self.screen_batch_size,
+        }
+
+
+@dataclass
+class _Entry:
+    """Working state of one candidate during the search."""
+
+    spec: CandidateSpec
+    built: BuiltCandidate | None = None
+    sha256: str | None = None
+    guard: GuardResult | None = None
+    error: str = ""
+    duplicate_of: str = ""
+    screen: CurvePoint | None = None
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    probes: list[dict[str, Any]] = field(default_factory=list)
+    search: BatchSearchResult | None = None
+    stage: str = "built"
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.guard is not None and self.guard.passed and not self.error
+
+
+def tune(
+    base_onnx: Path,
+    *,
+    calibration: Data,
+    holdout: Data,
+    labels: np.ndarray | None = None,
+    slo_ms: float,
+    objective: Objective = "throughput",
+    workdir: Path,
+    torch_module: torch.nn.Module | None = None,
+    tolerance: Tolerance = Tolerance(),
+    space: SearchSpace = SearchSpace(),
+    progress: Progress | None = None,
+    exhaustive: bool = False,
+    task: Task | None = None,
+    measure: MeasureConfig = MeasureConfig(),
+    finalists: int = 3,
+    screen_batch_size: int = 32,
+) -> TuneResult:
+    """Build, guard and measure the variants of ``base_onnx``; return the leaderboard and winner.
+
+    The champion is ``base_onnx`` itself; every candidate's outputs on ``holdout`` are compared
+    with its outputs under ``tolerance``. ``objective="throughput"`` maximizes items/s with p95
+    <= ``slo_ms``; ``"latency"`` minimizes p95 at batch 1.
+
+    Raises:
+        NotEnoughSamples: fewer than 8 calibration or 16 held-out rows.
+        TunerError: bad objective, SLO or inputs that do not match the model.
+    """
+    if objective not in ("throughput", "latency"):
+        raise TunerError(f"objective={objective!r} is unknown; use 'throughput' or 'latency'")
+    if slo_ms <= 0:
+        raise TunerError(f"slo_ms={slo_ms} must be positive (milliseconds of p95 latency)")
+    settings = _Settings(
+        slo_ms, objective, tolerance, space, task, measure, max(1, finalists), screen_batch_size
+    )
+    data = _Data(calibration, holdout, labels)
+    search = _Search(Path(base_onnx), Path(workdir), data, settings, torch_module, progress)
+    return search.run(exhaustive)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The knobs of one tuning run."""
+
+    slo_ms: float
+    objective: Objective
+    tolerance: Tolerance
+    space: SearchSpace
+    task: Task | None
+    measure: MeasureConfig
+    finalists: int
+    screen_batch_size: int
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The samples of one tuning run, as the caller gave them."""
+
+    calibration: Data
+    holdout: Data
+    labels: np.ndarray | None
+
+
+class _Search:
+    """One tuning run: shared context, guard, counters and the two search strategies."""
+
+    def __init__(
+        self,
+        base: Path,
+        workdir: Path,
+        data: _Data,
+        settings: _Settings,
+        torch_module: torch.nn.Module | None,
+        progress: Progress | None,
+    ) -> None:
+        self.started = time.perf_counter()
+        inputs = describe_inputs(base)
+        calibration = as_feeds(data.calibration, inputs)
+        self.holdout = _checked(as_feeds(data.holdout, inputs), "holdout", MIN_HOLDOUT_ROWS)
+        self.ctx = BuildContext(
+            base,
+            workdir,
+            _checked(calibration, "calibration", MIN_CALIBRATION_ROWS),
+            inputs,
+            output_names(base),
+            torch_module,
+        )
+        self.slo_ms, self.objective, self.space = (
+            settings.slo_ms,
+            settings.objective,
+            settings.space,
+        )
+        self.measure_config, self.finalists = settings.measure, settings.finalists
+        self.screen_batch = max(1, min(settings.screen_batch_size, self.space.max_batch_size))
+        self.progress = progress or (lambda step, done, total: None)
+        self.measurements = 0
+        champion = _outputs(open_runner(_base_candidate(base), RuntimeOptions()), self.holdout)
+        self.guard = AccuracyGuard(
+            champion, labels=data.labels, task=settings.task, tolerance=settings.tolerance
+        )
+
+    def run(self, exhaustive: bool) -> TuneResult:
+        """Run the smart or the exhaustive strategy and assemble the result."""
+        import onnxruntime as ort
+
+        specs, skipped = enumerate_candidates(
+            self.space,
+            has_torch_module=self.ctx.torch_module is not None,
+            providers=ort.get_available_providers(),
+        )
+        with _torch_threads_restored():
+            entries = self._build_all(specs)
+            if exhaustive:
+                entries += self._retry_all(entries)
+                self._exhaustive(entries)
+            else:
+                self._smart(entries)
+        trials = _leaderboard([self._trial(e) for e in entries], self.objective)
+        winner = next((t for t in trials if _eligible(t, self.objective, self.slo_ms)), None)
+        return TuneResult(
+            leaderboard=trials,
+            winner=winner,
+            skipped=skipped,
+            objective=self.objective,
+            slo_ms=self.slo_ms,
+            mode="exhaustive" if exhaustive else "smart",
+            task=self.guard.task,
+            elapsed_s=time.perf_counter() - self.started,
+            measurements=self.measurements,
+            screen_batch_size=None if exhaustive else self.screen_batch,
+        )
+
+    # -- building and guarding -------------------------------------------------------------
+
+    def _build_all(self, specs: list[CandidateSpec]) -> list[_Entry]:
+        """Build and guard every spec; identical artifacts are marked as duplicates."""
+        entries: list[_Entry] = []
+        for i, spec in enumerate(specs):
+            self.progress(f"build {spec.name}", i, len(specs))
+            entries.append(self._build(spec, entries))
+        self.progress("build", len(specs), len(specs))
+        return entries
+
+    def _build(self, spec: CandidateSpec, earlier: list[_Entry]) -> _Entry:
+        """Build one candidate and check its outputs against the champion's."""
+        entry = _Entry(spec)
+        try:
+            entry.built = build_candidate(spec, self.ctx)
+            entry.sha256 = sha256_file(entry.built.path)
+        except TunerError as exc:
+            entry.error, entry.stage = str(exc), "failed"
+            return entry
+        twin = next((e for e in earlier if e.sha256 == entry.sha256 and e.guard), None)
+        if twin is not None:
+            entry.guard, entry.duplicate_of, entry.stage = twin.guard, twin.spec.name, "duplicate"
+            return entry
+        try:
+            outputs = _outputs(open_runner(entry.built, RuntimeOptions()), self.holdout)
+        except Exception as exc:  # ORT and torch raise private types; one bad candidate only
+            entry.error, entry.stage = f"cannot run: {type(exc).__name__}: {exc}", "failed"
+            return entry
+        entry.guard = self.guard.check(outputs)
+        return entry
+
+    def _retry(self, entry: _Entry) -> list[_Entry]:
+        """Rebuild a failing static candidate with its most damaged nodes left in float."""
+        from tuner.accuracy_debug import exclusion_plans, rank_damaged_nodes
+
+        assert entry.built is not None
+        try:
+            ranked = rank_damaged_nodes(
+                self.ctx.preprocessed, entry.built.path, self.holdout, self.ctx.workdir / "debug"
+            )
+        except Exception as exc:  # the debug tools raise many unrelated types
+            entry.note = f"accuracy debug failed: {type(exc).__name__}: {exc}"
+            return []
+        retries: list[_Entry] = []
+        for excluded in exclusion_plans(ranked, RETRY_FRACTIONS):
+            params = {**entry.spec.params, "nodes_to_exclude": excluded}
+            name = f"{entry.spec.name}+float{len(excluded)}"
+            retry = self._build(replace(entry.spec, name=name, params=params), [])
+            retry.note = "left in float: " + ", ".join(
+                f"{d.node} ({d.sqnr_db:.1f} dB)" for d in ranked[: min(3, len(excluded))]
+            )
+            retries.append(retry)
+            if retry.passed:
+                break
+        return retries
+
+    def _retry_all(self, entries: list[_Entry]) -> list[_Entry]:
+        """Retry every static candidate that failed the guard (exhaustive mode)."""
+        failing = [e for e in entries if _retryable(e)]
+        return [r for e in failing for r in self._retry(e)]
+
+    # -- measuring ------------------------------------------------------------------------
+
+    def _run_fn(self, entry: _Entry, options: RuntimeOptions) -> Callable[[int], object]:
+        """Return a function running one batch of size b of held-out rows (batches cached)."""
+        assert entry.built is not None
+        runner: Runner = open_runner(entry.built, options)
+        batches: dict[int, Feeds] = {}
+
+        def run(b: int) -> object:
+            if b not in batches:
+                batches[b] = make_batch(self.holdout, b)
+            return runner.run(batches[b])
+
+        return run
+
+    def _measure(self, entry: _Entry, options: RuntimeOptions, batch: int) -> CurvePoint:
+        """Measure one batch size under ``options``."""
+        self.measurements += 1
+        return measure_batch(self._run_fn(entry, options), batch, self.measure_config)
+
+    def _search(self, entry: _Entry, options: RuntimeOptions) -> BatchSearchResult:
+        """Run the batch-size search (or batch 1 only for the latency objective)."""
+        run = self._run_fn(entry, options)
+        if self.objective == "latency":
+            self.measurements += 1
+            p = measure_batch(run, 1, self.measure_config)
+            ok = p.p95_ms <= self.slo_ms
+            reason = (
+                f"p95 {p.p95_ms:.2f} ms at batch 1 {'<=' if ok else '>'} SLO {self.slo_ms:g} ms"
+            )
+            return BatchSearchResult(1 if ok else None, (p,), reason)
+        result = search_batch_size(
+            run,
+            slo_ms=self.slo_ms,
+            max_batch_size=self.space.max_batch_size,
+            config=self.measure_config,
+        )
+        self.measurements += len(result.curve)
+        return result
+
+    def _score(self, point: CurvePoint) -> float:
+        """Return a higher-is-better score of a point for the objective."""
+        return point.throughput if self.objective == "throughput" else -point.p95_ms
+
+    # -- strategies -----------------------------------------------------------------------
+
+    def _smart(self, entries: list[_Entry]) -> None:
+        """Screen all, retry promising failures, then tune runtime and batch for finalists."""
+        measurable = [e for e in entries if e.built and not e.duplicate_of and not e.error]
+        self._choose_screen_batch(measurable)
+        screened = [e for e in measurable if e.passed or _retryable(e)]
+        self._screen(screened)
+        entries += self._retry_promising(screened)
+        ranked = sorted(
+            (e for e in entries if e.passed and e.screen and not e.duplicate_of),
+            key=lambda e: self._score(e.screen),  # type: ignore[arg-type]
+            reverse=True,
+        )
+        finals = ranked[: self.finalists]
+        for e in ranked[self.finalists :]:
+            e.note = e.note or f"not a finalist: screened below the top {self.finalists}"
+        for i, e in enumerate(finals):
+            self.progress(f"tune {e.spec.name}", i, len(finals))
+            e.options, e.probes = self._probe_runtime(e)
+            e.search, e.stage = self._search(e, e.options), "finalist"
+        self.progress("tune", len(finals), len(finals))
+
+    def _choose_screen_batch(self, entries: list[_Entry]) -> None:
+        """Halve the screening batch until the first (baseline) candidate meets the SLO."""
+        if self.objective == "latency":
+            self.screen_batch = 1
+            return
+        if not entries:
+            return
+        first = entries[0]
+        point = self._measure(first, _default_options(first), self.screen_batch)
+        while point.p95_ms > self.slo_ms and self.screen_batch > 1:
+            self.screen_batch //= 2
+            point = self._measure(first, _default_options(first), self.screen_batch)
+        first.screen, first.stage = point, "screened"
+
+    def _screen(self, entries: list[_Entry]) -> None:
+        """Measure each entry once: one thread, no spinning, the screening batch size."""
+        for i, e in enumerate(entries):
+            self.progress(f"screen {e.spec.name}", i, len(entries))
+            if e.screen is None:
+                e.screen = self._measure(e, _default_options(e), self.screen_batch)
+            e.stage = "screened"
+        self.progress("screen", len(entries), len(entries))
+
+    def _retry_promising(self, screened: list[_Entry]) -> list[_Entry]:
+        """Retry failing static candidates only if their speed could make them finalists."""
+        passing = sorted(self._score(e.screen) for e in screened if e.passed and e.screen)
+        bar = passing[-self.finalists] if len(passing) >= self.finalists else -np.inf
+        retries = []
+        for e in screened:
+            if not _retryable(e) or e.screen is None:
+                continue
+            if self._score(e.screen) <= bar:
+                e.note = "not retried: screened slower than the finalists"
+                continue
+            new = self._retry(e)
+            self._screen([r for r in new if r.passed])
+            retries += new
+        return retries
+
+    def _probe_runtime(self, entry: _Entry) -> tuple[RuntimeOptions, list[dict[str, Any]]]:
+        """Climb the thread counts, then try spinning at the best count; return the winner."""
+        assert entry.screen is not None
+        allowed = set(self.space.runtime_options())
+        best, best_point = _default_options(entry), entry.screen
+        probes = [{"options": best.to_dict(), **best_point.to_dict()}]
+        if entry.spec.provider != CPU:
+            return best, probes
+        threads = sorted({o.threads for o in allowed if o.threads > 1})
+        for t in threads:
+            options = RuntimeOptions(threads=t)
+            point = self._measure(entry, options, self.screen_batch)
+            probes.append({"options": options.to_dict(), **point.to_dict()})
+            if not _better(self._score(point), self._score(best_point), MIN_GAIN):
+                break
+            best, best_point = options, point
+        spin = RuntimeOptions(threads=best.threads, spinning=True)
+        if best.threads > 1 and spin in allowed and entry.built and entry.built.runtime != "torch":
+            point = self._measure(entry, spin, self.screen_batch)
+            probes.append({"options": spin.to_dict(), **point.to_dict()})
+            if _better(self._score(point), self._score(best_point), 0.0):
+                best = spin
+        return best, probes
+
+    def _exhaustive(self, entries: list[_Entry]) -> None:
+        """Run the full batch search for every passing candidate under every runtime option."""
+        passing = [e for e in entries if e.passed and not e.duplicate_of]
+        runs = [(e, o) for e in passing for o in self._options_for(e)]
+        best: dict[str, tuple[float, RuntimeOptions, BatchSearchResult]] = {}
+        for i, (e, options) in enumerate(runs):
+            self.progress(f"search {e.spec.name} {options.label()}", i, len(runs))
+            result = self._search(e, options)
+            point = result.best
+            score = self._score(point) if point else -np.inf
+            e.probes.append(
+                {"options": options.to_dict(), "best": point.to_dict() if point else None}
+            )
+            if e.spec.name not in best or score > best[e.spec.name][0]:
+                best[e.spec.name] = (score, options, result)
+        self.progress("search", len(runs), len(runs))
+        for e in passing:
+            _, e.options, e.search = best[e.spec.name]
+            e.stage = "exhaustive"
+
+    def _options_for(self, entry: _Entry) -> list[RuntimeOptions]:
+        """Return the runtime options that apply to an entry's provider and runtime."""
+        if entry.spec.provider != CPU:
+            return [_default_options(entry)]
+        options = self.space.runtime_options()
+        if entry.built and entry.built.runtime == "torch":
+            options = [o for o in options if not o.spinning]
+        return options
+
+    # -- results --------------------------------------------------------------------------
+
+    def _trial(self, e: _Entry) -> Trial:
+        """Turn an entry into a Trial with its verdict and reason."""
+        search = e.search
+        one = next((p for p in search.curve if p.batch_size == 1), None) if search else None
+        best = search.best if search else None
+        config: dict[str, Any] = {
+            **e.spec.to_dict(),
+            "runtime": e.options.to_dict(),
+            "batch_size": best.batch_size if best else None,
+        }
+        if e.built:
+            config.update(runtime_engine=e.built.runtime, build_s=round(e.built.build_s, 3))
+            config.update({k: v for k, v in e.built.extra.items() if k != "inputs"})
+            if e.built.notes:
+                config["notes"] = e.built.notes
+        if e.probes:
+            config["runtime_probes"] = e.probes
+        return Trial(
+            name=e.spec.name,
+            config=config,
+            artifact=str(e.built.path) if e.built else None,
+            sha256=e.sha256,
+            passed=e.passed and (search is None or best is not None),
+            reason=self._reason(e),
+            accuracy=dict(e.guard.metrics) if e.guard else {},
+            latency_p50_ms=one.p50_ms if one else None,
+            latency_p95_ms=one.p95_ms if one else None,
+            throughput=best.throughput if best else None,
+            best_batch_size=best.batch_size if best else None,
+            screen=e.screen,
+            curve=search.curve if search else ((e.screen,) if e.screen else ()),
+            stage=e.stage,
+        )
+
+    def _reason(self, e: _Entry) -> str:
+        """Explain the verdict with numbers."""
+        if e.error:
+            return e.error
+        assert e.guard is not None
+        parts = [("guard passed: " if e.guard.passed else "guard failed: ") + e.guard.reason]
+        if e.duplicate_of:
+            parts.append(f"identical artifact to {e.duplicate_of!r}; not measured again")
+        if e.search is not None:
+            parts.append(e.search.reason + f" ({e.options.label()})")
+        if e.note:
+            parts.append(e.note)
+        if e.built and e.built.notes:
+            parts.append(e.built.notes)
+        return "; ".join(parts)
+
+
+def _default_options(entry: _Entry) -> RuntimeOptions:
+    """Return one thread, no spinning, on the candidate's own provider."""
+    return RuntimeOptions(provider=entry.spec.provider)
+
+
+@contextlib.contextmanager
+def _torch_threads_restored() -> Iterator[None]:
+    """Restore torch's global thread count, which torch candidates change while measured."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    try:
+        yield
+    finally:
+        if torch is not None and threads is not None:
+            torch.set_num_threads(threads)
+
+
+def _better(score: float, than: float, gain: float) -> bool:
+    """Return True when ``score`` beats ``than`` by more than ``gain`` (a fraction of it)."""
+    return score > than + gain * abs(than)
+
+
+def trial_runner(trial: Trial, options: RuntimeOptions | None = None) -> Runner:
+    """Open a runner on a trial's artifact, under its tuned runtime options unless given.
+
+    Raises:
+        ArtifactError: the trial has no artifact (its build failed) or the file is gone.
+    """
+    if trial.artifact is None:
+        raise ArtifactError(f"trial {trial.name!r} has no artifact; its build failed")
+    config = trial.config
+    kind: Kind = config["kind"]
+    spec = CandidateSpec(trial.name, kind, provider=config.get("provider", CPU))
+    engine = config.get("runtime_engine", "onnxruntime")
+    extra = {"keywords": bool(config.get("keywords", False))}
+    built = BuiltCandidate(spec, Path(trial.artifact), engine, extra=extra)
+    return open_runner(built, options or RuntimeOptions(**config["runtime"]))
+
+
+def _retryable(e: _Entry) -> bool:
+    """Return True for a static candidate that failed the guard and was not yet retried."""
+    failed_guard = e.guard is not None and not e.guard.passed and not e.error
+    first_try = not e.spec.params.get("nodes_to_exclude")
+    return e.spec.kind == "static" and failed_guard and first_try and not e.duplicate_of
+
+
+def _eligible(trial: Trial, objective: Objective, slo_ms: float) -> bool:
+    """Return True when a trial may win: guard passed and it meets the SLO when measured."""
+    if not trial.passed or trial.best_batch_size is None:
+        return False
+    if objective == "latency":
+        return trial.latency_p95_ms is not None and trial.latency_p95_ms <= slo_ms
+    return trial.throughput is not None
+
+
+def _leaderboard(trials: list[Trial], objective: Objective) -> list[Trial]:
+    """Order trials: winners' candidates first by objective, then screened, then the rest."""
+
+    def key(t: Trial) -> tuple[int, int, float]:
+        if objective == "latency":
+            final = -(t.latency_p95_ms or np.inf) if t.best_batch_size else -np.inf
+            screened = -t.screen.p95_ms if t.screen else -np.inf
+        else:
+            final = t.throughput if t.throughput is not None and t.best_batch_size else -np.inf
+            screened = t.screen.throughput if t.screen else -np.inf
+        return (int(t.passed), int(final > -np.inf), final if final > -np.inf else screened)
+
+    return sorted(trials, key=key, reverse=True)
+
+
+def _checked(feeds: Feeds, what: str, minimum: int) -> Feeds:
+    """Raise NotEnoughSamples when ``feeds`` has fewer than ``minimum`` rows."""
+    rows = num_rows(feeds)
+    if rows < minimum:
+        raise NotEnoughSamples(f"{what} has {rows} samples; pass at least {minimum}")
+    return feeds
+
+
+def _base_candidate(base: Path) -> BuiltCandidate:
+    """Wrap the champion model as a built candidate so it runs like the others."""
+    load_session(base)  # fail early, with the path in the message, if it cannot load
+    return BuiltCandidate(CandidateSpec("champion", "fp32"), base)
+
+
+def _outputs(runner: Runner, feeds: Feeds, chunk: int = 64) -> np.ndarray:
+    """Return the first output of ``runner`` on all rows of ``feeds``, run in chunks."""
+    return np.concatenate([runner.run(part)[0] for part in iter_chunks(feeds, chunk)])
