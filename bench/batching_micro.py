@@ -47,26 +47,42 @@ def noop_batcher(default_stack: bool, **kw: Any) -> DynamicBatcher:
     return DynamicBatcher(lambda x: x, stack=passthrough_stack, unstack=passthrough_unstack, **kw)
 
 
-def sequential_call_us(call: Callable[[Any], Any], item: Any, n: int) -> float:
-    """Mean microseconds per blocking call from one thread."""
-    t0 = time.perf_counter()
+Cost = tuple[float, float]  # wall-clock and process CPU microseconds per item
+
+
+def per_item(run: Callable[[], int]) -> Cost:
+    """Wall and CPU (all threads of this process) microseconds per item of ``run()``.
+
+    CPU time is the steadier figure on a shared machine: other jobs stretch wall time only.
+    """
+    w0, c0 = time.perf_counter(), time.process_time()
+    n = run()
+    return (time.perf_counter() - w0) / n * 1e6, (time.process_time() - c0) / n * 1e6
+
+
+def call_loop(call: Callable[[Any], Any], item: Any, n: int) -> int:
+    """``n`` blocking calls from one thread."""
     for _ in range(n):
         call(item)
-    return (time.perf_counter() - t0) / n * 1e6
+    return n
 
 
-def submit_all_us(batcher: DynamicBatcher, item: Any, n: int) -> float:
-    """Mean microseconds per item when one thread submits ``n`` items, then waits for all."""
-    t0 = time.perf_counter()
-    futures: list[Future[Any]] = [batcher.submit(item) for _ in range(n)]
-    for f in futures:
-        f.result()
-    return (time.perf_counter() - t0) / n * 1e6
+def submit_all(batcher: DynamicBatcher, item: Any, n: int, chunk: int = 256) -> int:
+    """One thread submits ``chunk`` items, waits for them all, and repeats to ``n`` items.
+
+    Chunks keep a few hundred Futures alive, as an async server would; tens of thousands
+    alive at once would make this a benchmark of the garbage collector.
+    """
+    for _ in range(n // chunk):
+        futures: list[Future[Any]] = [batcher.submit(item) for _ in range(chunk)]
+        for f in futures:
+            f.result()
+    return n // chunk * chunk
 
 
-def threaded_items_per_s(call: Callable[[Any], Any], item: Any, per_thread: int) -> float:
-    """Items per second when THREADS threads each make ``per_thread`` blocking calls."""
-    start = threading.Barrier(THREADS + 1)
+def threaded(call: Callable[[Any], Any], item: Any, per_thread: int) -> int:
+    """THREADS threads each make ``per_thread`` blocking calls, released together."""
+    start = threading.Barrier(THREADS)
 
     def worker() -> None:
         start.wait()
@@ -76,41 +92,40 @@ def threaded_items_per_s(call: Callable[[Any], Any], item: Any, per_thread: int)
     threads = [threading.Thread(target=worker) for _ in range(THREADS)]
     for t in threads:
         t.start()
-    start.wait()
-    t0 = time.perf_counter()
     for t in threads:
         t.join()
-    return THREADS * per_thread / (time.perf_counter() - t0)
+    return THREADS * per_thread
 
 
-def median_of(repeats: int, run: Callable[[], float]) -> float:
-    return statistics.median(run() for _ in range(repeats))
+def median_cost(repeats: int, run: Callable[[], int]) -> Cost:
+    costs = [per_item(run) for _ in range(repeats)]
+    return statistics.median(c[0] for c in costs), statistics.median(c[1] for c in costs)
 
 
 def overhead(n: int, repeats: int) -> str:
     """The batcher's own per-item cost, with a batch function that does nothing."""
     row = np.zeros(16, dtype=np.float32)
-    direct = median_of(repeats, lambda: sequential_call_us(lambda x: x, row, n))
+    wall, cpu = median_cost(repeats, lambda: call_loop(lambda x: x, row, n))
     lines = [
-        "| path | stack/unstack | us per item | mean batch |",
-        "|---|---|---|---|",
-        f"| direct call, no batcher | - | {direct:.2f} | - |",
+        "| path | stack/unstack | wall us per item | CPU us per item | mean batch |",
+        "|---|---|---|---|---|",
+        f"| direct call, no batcher | - | {wall:.2f} | {cpu:.2f} | - |",
     ]
     for default in (False, True):
         label = "numpy (default)" if default else "pass-through"
         for title, kw, measure in (
             ("1 thread, blocking call, max_delay_ms=0", {"max_delay_ms": 0.0},
-             lambda b: sequential_call_us(b, row, n // 4)),
-            ("1 thread, submit all then wait", {"max_delay_ms": 1.0},
-             lambda b: submit_all_us(b, row, n)),
+             lambda b: call_loop(b, row, n // 4)),
+            ("1 thread, submit 256 then wait, repeat", {"max_delay_ms": 1.0},
+             lambda b: submit_all(b, row, n)),
             (f"{THREADS} threads, blocking calls", {"max_delay_ms": 1.0},
-             lambda b: 1e6 / threaded_items_per_s(b, row, n // THREADS)),
+             lambda b: threaded(b, row, n // THREADS)),
         ):  # fmt: skip
             batcher = noop_batcher(default, max_batch_size=32, max_queue=n + 1, **kw)
-            us = median_of(repeats, lambda b=batcher, m=measure: m(b))  # type: ignore[misc]
+            wall, cpu = median_cost(repeats, lambda b=batcher, m=measure: m(b))  # type: ignore[misc]
             batcher.close()
             mean = batcher.stats()["mean_batch_size"]
-            lines.append(f"| {title} | {label} | {us:.2f} | {mean:.1f} |")
+            lines.append(f"| {title} | {label} | {wall:.2f} | {cpu:.2f} | {mean:.1f} |")
     return "\n".join(lines)
 
 
@@ -133,25 +148,32 @@ def throughput(calls: dict[int, int], repeats: int) -> str:
         "max_delay_ms 2) | speed-up | mean batch | model ms, batch 1 / batch 32 |",
         "|---|---|---|---|---|---|",
     ]
-    for width, per_thread in calls.items():
-        model = mlp(width)
-        row = np.ones(width, dtype=np.float32)
-        one = lambda x, m=model: m(x[None, :])[0]  # noqa: E731
-        batcher = DynamicBatcher(model, max_batch_size=32, max_delay_ms=2.0)
-        plain, batched = [], []
-        for _ in range(repeats):  # alternate so noise from other jobs hits both
-            plain.append(threaded_items_per_s(one, row, per_thread))
-            batched.append(threaded_items_per_s(batcher, row, per_thread))
-        batcher.close()
-        mean = batcher.stats()["mean_batch_size"]
-        b1 = model_ms(model, np.ones((1, width), np.float32))
-        b32 = model_ms(model, np.ones((32, width), np.float32))
-        p, b = statistics.median(plain), statistics.median(batched)
-        lines.append(
-            f"| MLP {width}-{4 * width}-{width} | {p:,.0f} | {b:,.0f} | x{b / p:.2f} "
-            f"| {mean:.1f} | {b1:.3f} / {b32:.3f} |"
-        )
+    lines += [compare(width, per_thread, repeats) for width, per_thread in calls.items()]
     return "\n".join(lines)
+
+
+def compare(width: int, per_thread: int, repeats: int) -> str:
+    """One table row: the MLP of ``width`` called unbatched and batched, runs alternating."""
+    model = mlp(width)
+    row = np.ones(width, dtype=np.float32)
+
+    def one(x: np.ndarray) -> np.ndarray:
+        return model(x[None, :])[0]
+
+    batcher = DynamicBatcher(model, max_batch_size=32, max_delay_ms=2.0)
+    plain, batched = [], []
+    for _ in range(repeats):  # alternate so noise from other jobs hits both
+        plain.append(1e6 / per_item(lambda: threaded(one, row, per_thread))[0])
+        batched.append(1e6 / per_item(lambda: threaded(batcher, row, per_thread))[0])
+    batcher.close()
+    mean = batcher.stats()["mean_batch_size"]
+    b1 = model_ms(model, np.ones((1, width), np.float32))
+    b32 = model_ms(model, np.ones((32, width), np.float32))
+    p, b = statistics.median(plain), statistics.median(batched)
+    return (
+        f"| MLP {width}-{4 * width}-{width} | {p:,.0f} | {b:,.0f} | x{b / p:.2f} "
+        f"| {mean:.1f} | {b1:.3f} / {b32:.3f} |"
+    )
 
 
 def model_ms(model: Callable[[np.ndarray], np.ndarray], x: np.ndarray, n: int = 200) -> float:

@@ -503,6 +503,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[0],
     }
 
 
@@ -513,7 +514,8 @@ def write_readme(info: dict[str, str], benches: list[ModelBench], args: argparse
         "",
         f"Machine: {info['nproc']} CPUs ({info['cpu']}); date {info['date']}; "
         f"Python {info['python']}, torch {info['torch']}, onnxruntime {info['onnxruntime']}. "
-        "Other jobs shared the CPUs.",
+        f"Other jobs shared the CPUs (1-min load average {info['loadavg_at_start']} at start, "
+        f"{Path('/proc/loadavg').read_text().split()[0]} at the end).",
         f"SLO (p95): MiniLM {args.slo_minilm:g} ms, digits {args.slo_digits:g} ms. "
         "Side-by-side rows: one intra-op thread; throughput at batch 32, latency at batch 1; "
         "variants measured in turn, 3 rounds, medians shown.",

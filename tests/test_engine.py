@@ -148,6 +148,7 @@ def test_broken_candidate_is_rejected_with_numbers_then_repaired(
         workdir=tmp_path,
         space=space,
         measure=FAST,
+        exhaustive=True,  # the smart search retries only candidates fast enough to win
     )
     trials = {t.name: t for t in result.leaderboard}
     broken = trials["static-minmax-u8-all"]

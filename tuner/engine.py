@@ -64,6 +64,9 @@ MIN_HOLDOUT_ROWS = 16
 RETRY_FRACTIONS = (0.1, 0.3)
 # A thread count must beat the previous one by this much to be worth its extra cores.
 MIN_GAIN = 0.05
+# Finalists within this fraction of the best are re-measured CONFIRM_ROUNDS more times.
+CLOSE_MARGIN = 0.05
+CONFIRM_ROUNDS = 2
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ class _Entry:
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     probes: list[dict[str, Any]] = field(default_factory=list)
     search: BatchSearchResult | None = None
+    confirm: list[CurvePoint] = field(default_factory=list)
     stage: str = "built"
     note: str = ""
 
@@ -423,6 +427,21 @@ class _Search:
             e.options, e.probes = self._probe_runtime(e)
             e.search, e.stage = self._search(e, e.options), "finalist"
         self.progress("tune", len(finals), len(finals))
+        self._confirm(finals)
+
+    def _confirm(self, finals: list[_Entry]) -> None:
+        """Re-measure close contenders in turn so one noisy point cannot pick the winner."""
+        best = {id(e): e.search.best for e in finals if e.search and e.search.best}
+        if len(best) < 2:
+            return
+        top = max(self._score(p) for p in best.values())
+        close = [e for e in finals if id(e) in best and _close(self._score(best[id(e)]), top)]
+        if len(close) < 2:
+            return
+        for i in range(CONFIRM_ROUNDS):
+            self.progress("confirm", i, CONFIRM_ROUNDS)
+            for e in close:
+                e.confirm.append(self._measure(e, e.options, best[id(e)].batch_size))
 
     def _choose_screen_batch(self, entries: list[_Entry]) -> None:
         """Halve the screening batch until the first (baseline) candidate meets the SLO."""
@@ -448,15 +467,19 @@ class _Search:
         self.progress("screen", len(entries), len(entries))
 
     def _retry_promising(self, screened: list[_Entry]) -> list[_Entry]:
-        """Retry failing static candidates only if their speed could make them finalists."""
-        passing = sorted(self._score(e.screen) for e in screened if e.passed and e.screen)
-        bar = passing[-self.finalists] if len(passing) >= self.finalists else -np.inf
+        """Retry failing static candidates only if they screened about as fast as the best.
+
+        Leaving nodes in float can only slow a candidate down, so a retry of one already slower
+        than the best passing candidate cannot win.
+        """
+        passing = [self._score(e.screen) for e in screened if e.passed and e.screen]
+        top = max(passing, default=-np.inf)
         retries = []
         for e in screened:
             if not _retryable(e) or e.screen is None:
                 continue
-            if self._score(e.screen) <= bar:
-                e.note = "not retried: screened slower than the finalists"
+            if not _close(self._score(e.screen), top):
+                e.note = "not retried: screened slower than the best passing candidate"
                 continue
             new = self._retry(e)
             self._screen([r for r in new if r.passed])
@@ -523,6 +546,33 @@ class _Search:
         search = e.search
         one = next((p for p in search.curve if p.batch_size == 1), None) if search else None
         best = search.best if search else None
+        throughput = best.throughput if best else None
+        p50, p95 = (one.p50_ms, one.p95_ms) if one else (None, None)
+        if best and e.confirm:  # medians over the search's point and its confirmations
+            points = [best, *e.confirm]
+            throughput = float(np.median([p.throughput for p in points]))
+            if best.batch_size == 1:
+                p50 = float(np.median([p.p50_ms for p in points]))
+                p95 = float(np.median([p.p95_ms for p in points]))
+        return Trial(
+            name=e.spec.name,
+            config=self._config(e, best),
+            artifact=str(e.built.path) if e.built else None,
+            sha256=e.sha256,
+            passed=e.passed and (search is None or best is not None),
+            reason=self._reason(e),
+            accuracy=dict(e.guard.metrics) if e.guard else {},
+            latency_p50_ms=p50,
+            latency_p95_ms=p95,
+            throughput=throughput,
+            best_batch_size=best.batch_size if best else None,
+            screen=e.screen,
+            curve=search.curve if search else ((e.screen,) if e.screen else ()),
+            stage=e.stage,
+        )
+
+    def _config(self, e: _Entry, best: CurvePoint | None) -> dict[str, Any]:
+        """Return a trial's config: build parameters, runtime options, batch size, probes."""
         config: dict[str, Any] = {
             **e.spec.to_dict(),
             "runtime": e.options.to_dict(),
@@ -535,22 +585,9 @@ class _Search:
                 config["notes"] = e.built.notes
         if e.probes:
             config["runtime_probes"] = e.probes
-        return Trial(
-            name=e.spec.name,
-            config=config,
-            artifact=str(e.built.path) if e.built else None,
-            sha256=e.sha256,
-            passed=e.passed and (search is None or best is not None),
-            reason=self._reason(e),
-            accuracy=dict(e.guard.metrics) if e.guard else {},
-            latency_p50_ms=one.p50_ms if one else None,
-            latency_p95_ms=one.p95_ms if one else None,
-            throughput=best.throughput if best else None,
-            best_batch_size=best.batch_size if best else None,
-            screen=e.screen,
-            curve=search.curve if search else ((e.screen,) if e.screen else ()),
-            stage=e.stage,
-        )
+        if e.confirm:
+            config["confirmation"] = [p.to_dict() for p in e.confirm]
+        return config
 
     def _reason(self, e: _Entry) -> str:
         """Explain the verdict with numbers."""
@@ -562,6 +599,8 @@ class _Search:
             parts.append(f"identical artifact to {e.duplicate_of!r}; not measured again")
         if e.search is not None:
             parts.append(e.search.reason + f" ({e.options.label()})")
+        if e.confirm:
+            parts.append(f"re-measured {len(e.confirm)} more times against close contenders")
         if e.note:
             parts.append(e.note)
         if e.built and e.built.notes:
@@ -584,6 +623,11 @@ def _torch_threads_restored() -> Iterator[None]:
     finally:
         if torch is not None and threads is not None:
             torch.set_num_threads(threads)
+
+
+def _close(score: float, top: float) -> bool:
+    """Return True when ``score`` is within CLOSE_MARGIN of ``top`` (or beats it)."""
+    return score >= top - CLOSE_MARGIN * abs(top)
 
 
 def _better(score: float, than: float, gain: float) -> bool:

@@ -1,0 +1,256 @@
+"""Serving, experiments and promotions end to end, with real ONNX models and real traffic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from monitor import Monitor, Settings, schema
+from monitor.deploy import unit_interval
+from monitor.events import list_events
+from monitor.registry import champion, list_versions
+from monitor.storage import Database, read_aggregates
+from tests.serving_models import IN, WEIGHTS, heavy_model, light_model
+from tuner import audit, experiments, promotions, registry
+from tuner.analysis import run_analysis, watch_promotions
+from tuner.cli import main
+from tuner.errors import Conflict
+
+RNG = np.random.default_rng(0)
+
+
+def _setup(url: str, tmp_path: Path, first: str, second: str, **config: object) -> Settings:
+    settings = Settings(
+        database_url=url, artifacts_dir=str(tmp_path / "artifacts"), experiment_min_samples=100
+    )
+    makers = {"light": light_model, "heavy": heavy_model}
+    db = Database(url)
+    for kind in (first, second):
+        path = makers[kind](tmp_path / f"{kind}.onnx")
+        registry.register("clf", path, db=db, settings=settings, config=dict(config))
+    db.dispose()
+    return settings
+
+
+def _traffic(dep: object, n: int, keys: bool = True) -> None:
+    for i in range(n):
+        x = RNG.normal(size=(1, IN)).astype(np.float32)
+        (y,) = dep({"x": x}, key=f"user-{i}" if keys else None)  # type: ignore[operator]
+        np.testing.assert_allclose(y, x @ WEIGHTS, rtol=1e-4, atol=1e-4)
+
+
+def test_faster_challenger_is_promoted_after_approval_and_serving_switches(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = _setup(db_url, tmp_path, "heavy", "light")
+    db = Database(db_url)
+    exp = experiments.start(db, "clf", "v2", share=0.5, min_samples=100, by="ana")
+    with Monitor(db_url, sample_rate=1.0) as mon:
+        dep = mon.deployment("clf", poll_s=0.2)
+        assert dep.routing.challenger is not None and dep.routing.challenger.version == "v2"
+        _traffic(dep, 600)
+        mon.flush()
+        (verdict,) = run_analysis(db, settings)
+        assert verdict.decision == "promote", (verdict.reason, verdict.evidence["agreement"])
+        arms = verdict.evidence["arms"]
+        assert arms["champion"]["calls"] + arms["challenger"]["calls"] == 600
+        assert min(arms["champion"]["calls"], arms["challenger"]["calls"]) >= 100
+        assert verdict.evidence["latency_challenger_faster"]["median_ratio"] > 1.1
+        pid = verdict.promotion_id
+        assert pid is not None
+        assert experiments.get(db, exp.id).status == "promotion_pending"
+
+        assert main(["promotions", "--status", "pending", "--json", "--database-url", db_url]) == 0
+        pending = json.loads(capsys.readouterr().out)["promotions"]
+        assert [(p["id"], p["to_version"]) for p in pending] == [(pid, "v2")]
+        assert pending[0]["evidence"]["arms"]["challenger"]["version"] == "v2"
+        assert main(["approve", str(pid), "--by", "ana", "--database-url", db_url]) == 0
+        assert main(["approve", str(pid), "--by", "bo", "--database-url", db_url]) == 1
+        assert "already decided: applied by ana" in capsys.readouterr().err
+
+        assert champion(db, "clf").version == "v2"
+        assert {v.version: v.status for v in list_versions(db, "clf")} == {
+            "v1": "retired",
+            "v2": "champion",
+        }
+        deadline = time.time() + 10
+        while dep.routing.champion.version != "v2" and time.time() < deadline:
+            time.sleep(0.05)  # the poller picks the promotion up; no restart
+        assert dep.routing.champion.version == "v2" and dep.routing.challenger is None
+        _traffic(dep, 50)
+        mon.flush()
+        served = read_aggregates(db, "clf", "v2", arm="champion")
+    assert sum(a.calls for a in served) == 50
+    assert experiments.get(db, exp.id).status == "promoted"
+    actions = [(e.action, e.actor) for e in audit.entries(db, "clf")]
+    assert ("promotion_approved", "ana") in actions and ("experiment_started", "ana") in actions
+    db.dispose()
+
+
+def test_slower_challenger_is_rolled_back_automatically(db_url: str, tmp_path: Path) -> None:
+    settings = _setup(db_url, tmp_path, "light", "heavy")
+    db = Database(db_url)
+    exp = experiments.start(db, "clf", "v2", share=0.5, min_samples=100)
+    with Monitor(db_url) as mon:
+        dep = mon.deployment("clf", poll_s=60)
+        _traffic(dep, 600)
+        mon.flush()
+        (verdict,) = run_analysis(db, settings)
+        assert verdict.decision == "rollback" and "latency regressed" in verdict.reason
+        assert dep.reload() and dep.routing.challenger is None
+    ended = experiments.get(db, exp.id)
+    assert (ended.status, ended.share) == ("rolled_back", 0.0)
+    (event,) = list_events(db, model="clf")
+    assert event.kind == "experiment_rollback" and event.version == "v2"
+    assert champion(db, "clf").version == "v1"
+    db.dispose()
+
+
+def test_promotion_watch_rolls_back_a_regression(sqlite_url: str, tmp_path: Path) -> None:
+    settings = _setup(sqlite_url, tmp_path, "light", "heavy")
+    db = Database(sqlite_url)
+    with Monitor(sqlite_url) as mon:
+        dep = mon.deployment("clf", poll_s=60)
+        _traffic(dep, 300)
+        p = promotions.request(db, "clf", "v2", evidence={"reason": "by hand"}, by="ana")
+        promotions.approve(db, p.id, by="ana")
+        assert dep.reload() and dep.routing.champion.version == "v2"
+        _traffic(dep, 300)
+        mon.flush()
+        (watched,) = watch_promotions(db, settings)
+    assert watched["rolled_back"] and "regressed" in watched["reason"]
+    assert promotions.get(db, p.id).status == "rolled_back"
+    assert champion(db, "clf").version == "v1"
+    assert [e.kind for e in list_events(db, model="clf")] == ["promotion_rollback"]
+    db.dispose()
+
+
+def test_shadow_mode_records_agreement_off_the_call_path(sqlite_url: str, tmp_path: Path) -> None:
+    settings = _setup(sqlite_url, tmp_path, "light", "heavy")
+    db = Database(sqlite_url)
+    exp = experiments.start(db, "clf", "v2", share=1.0, shadow=True, min_samples=100)
+    with Monitor(sqlite_url) as mon:
+        dep = mon.deployment("clf", poll_s=60)
+        _traffic(dep, 200)
+        deadline = time.time() + 20
+        while dep._shadow_q and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        mon.flush()
+        champion_calls = sum(a.calls for a in read_aggregates(db, "clf", "v1", arm="champion"))
+    with db.session() as s:
+        compared, agreed = s.execute(
+            select(
+                func.sum(schema.ShadowAggregate.compared), func.sum(schema.ShadowAggregate.agreed)
+            )
+        ).one()
+    assert champion_calls == 200 and compared == 200 and agreed == 200
+    verdict = run_analysis(db, settings)[0]
+    assert verdict.evidence["agreement"]["rate"] == 1.0
+    assert verdict.evidence["arms"]["challenger"]["calls"] == 200
+    assert experiments.get(db, exp.id).status == "rolled_back"  # the shadow is slower
+    db.dispose()
+
+
+def test_sticky_keys_always_get_the_same_arm(sqlite_url: str, tmp_path: Path) -> None:
+    _setup(sqlite_url, tmp_path, "light", "light")
+    db = Database(sqlite_url)
+    experiments.start(db, "clf", "v2", share=0.3)
+    keys = [f"user-{i}" for i in range(40)]
+    with Monitor(sqlite_url) as mon:
+        dep = mon.deployment("clf", poll_s=60)
+        for key in keys:
+            for _ in range(5):
+                dep({"x": np.ones((1, IN), np.float32)}, key=key)
+        mon.flush()
+        to_challenger = sum(a.calls for a in read_aggregates(db, "clf", "v2", arm="challenger"))
+    expected = 5 * sum(unit_interval(k) < 0.3 for k in keys)
+    assert to_challenger == expected and 0 < expected < 200
+    db.dispose()
+
+
+def test_dynamic_batching_gives_each_caller_its_own_row(sqlite_url: str, tmp_path: Path) -> None:
+    _setup(sqlite_url, tmp_path, "light", "light", batch_size=8, max_delay_ms=2.0)
+    rows = RNG.normal(size=(16 * 20, IN)).astype(np.float32)
+    results: dict[int, np.ndarray] = {}
+    with Monitor(sqlite_url) as mon:
+        dep = mon.deployment("clf", poll_s=60)
+
+        def client(c: int) -> None:
+            for j in range(20):
+                i = c * 20 + j
+                results[i] = dep({"x": rows[i : i + 1]})[0]
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        mon.flush()
+        recorded = sum(a.calls for a in read_aggregates(Database(sqlite_url), "clf", "v1"))
+    assert len(results) == 320 and recorded == 320
+    for i, y in results.items():
+        np.testing.assert_allclose(y, rows[i : i + 1] @ WEIGHTS, rtol=1e-4, atol=1e-5)
+
+
+def test_concurrent_decisions_give_exactly_one(db_url: str, tmp_path: Path) -> None:
+    _setup(db_url, tmp_path, "light", "heavy")
+    db = Database(db_url)
+    p = promotions.request(db, "clf", "v2", evidence={})
+    outcomes: list[str] = []
+
+    def decide(i: int) -> None:
+        try:
+            fn = promotions.approve if i % 2 else promotions.reject
+            outcomes.append(fn(db, p.id, by=f"user{i}").status)
+        except Conflict as exc:
+            outcomes.append(f"conflict: {exc}")
+
+    threads = [threading.Thread(target=decide, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o in outcomes if not o.startswith("conflict")]
+    assert len(winners) == 1 and len(outcomes) == 8
+    assert all("already decided" in o for o in outcomes if o.startswith("conflict"))
+    final = promotions.get(db, p.id)
+    assert final.status == winners[0]
+    assert champion(db, "clf").version == ("v2" if final.status == "applied" else "v1")
+    db.dispose()
+
+
+def test_two_processes_race_on_postgres(pg_url: str, tmp_path: Path) -> None:
+    from monitor import storage
+
+    engine = storage.create_db_engine(pg_url)
+    storage.upgrade(engine)
+    engine.dispose()
+    _setup(pg_url, tmp_path, "light", "heavy")
+    db = Database(pg_url)
+    p = promotions.request(db, "clf", "v2", evidence={})
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), TUNEWATCH_DATABASE_URL=pg_url)
+    cmds = [
+        [sys.executable, "-m", "tuner.cli", verb, str(p.id), "--by", who]
+        for verb, who in (("approve", "ana"), ("reject", "bo"))
+    ]
+    procs = [
+        subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in cmds
+    ]
+    results = [(proc.wait(timeout=60), proc.communicate()) for proc in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], results
+    loser_err = next(err for code, (_out, err) in results if code == 1)
+    assert "already decided" in loser_err
+    assert promotions.get(db, p.id).status in ("applied", "rejected")
+    db.dispose()
