@@ -20,13 +20,13 @@ import statistics  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
-from concurrent.futures import Future  # noqa: E402
+from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from monitor.batching import DynamicBatcher  # noqa: E402
+from monitor.batching import DynamicBatcher, _Slot  # noqa: E402
 
 THREADS = 32
 CALLS_PER_THREAD = {256: 200, 1024: 16}  # MLP width -> calls per thread: about 1 s unbatched
@@ -97,6 +97,17 @@ def threaded(call: Callable[[Any], Any], item: Any, per_thread: int) -> int:
     return THREADS * per_thread
 
 
+def dispatch_only(batcher: DynamicBatcher, item: Any, n: int) -> int:
+    """The worker's share alone: hand ready batches of 32 to its dispatch, in this thread.
+
+    Uses the batcher's private ``_dispatch`` and ``_Slot`` (what a blocking call waits on), so
+    what remains is stacking, the batch call, unstacking and answering each caller.
+    """
+    for _ in range(n // 32):
+        batcher._dispatch([(item, _Slot(), 0.0) for _ in range(32)])
+    return n // 32 * 32
+
+
 def median_cost(repeats: int, run: Callable[[], int]) -> Cost:
     costs = [per_item(run) for _ in range(repeats)]
     return statistics.median(c[0] for c in costs), statistics.median(c[1] for c in costs)
@@ -111,8 +122,29 @@ def overhead(n: int, repeats: int) -> str:
         "|---|---|---|---|---|",
         f"| direct call, no batcher | - | {wall:.2f} | {cpu:.2f} | - |",
     ]
+    with ThreadPoolExecutor(1) as pool:  # the floor: one thread handoff, no batching at all
+
+        def handoff(x: Any) -> Any:
+            return pool.submit(passthrough_stack, x).result()
+
+        for title, run in (
+            ("1 thread, blocking call", lambda: call_loop(handoff, row, n // 4)),
+            (f"{THREADS} threads, blocking calls", lambda: threaded(handoff, row, n // THREADS)),
+        ):
+            wall, cpu = median_cost(repeats, run)
+            lines.append(
+                f"| reference: ThreadPoolExecutor(1).submit().result(), {title} | - "
+                f"| {wall:.2f} | {cpu:.2f} | - |"
+            )
     for default in (False, True):
         label = "numpy (default)" if default else "pass-through"
+        batcher = noop_batcher(default, max_batch_size=32)
+        wall, cpu = median_cost(repeats, lambda b=batcher: dispatch_only(b, row, n))  # type: ignore[misc]
+        batcher.close()
+        lines.append(
+            f"| worker only: dispatch ready batches of 32, no thread switch | {label} "
+            f"| {wall:.2f} | {cpu:.2f} | 32.0 |"
+        )
         for title, kw, measure in (
             ("1 thread, blocking call, max_delay_ms=0", {"max_delay_ms": 0.0},
              lambda b: call_loop(b, row, n // 4)),

@@ -166,14 +166,16 @@ class DynamicBatcher:
         max_delay_ms: longest wait after a batch's first item for more items to arrive.
         max_queue: most items waiting; beyond it ``submit`` raises :class:`Overloaded`.
         stack: items -> batch input. Default :func:`stack_rows` (numpy rows or dict feeds);
-            with it, items whose shapes or dtypes differ go into separate batches.
+            with it, items whose shapes or dtypes differ go into separate batches. A custom
+            stack gets every pending item; if it raises, the items are split by shape and
+            dtype and retried, and items that still cannot stack run one at a time.
         unstack: ``(output, n)`` -> ``n`` results. Default :func:`unstack_rows`.
         isolate_errors: when a batch raises, rerun its items one at a time so each caller
             gets its own result or exception (``batch_fn`` must be safe to call again, as
             inference is). When false, every caller in the failed batch gets the exception.
         name: names the worker thread and the stats.
 
-    Items that fail to stack always run one at a time, whatever ``isolate_errors`` says.
+    Stacking failures never fail other callers, whatever ``isolate_errors`` says.
 
     >>> double = DynamicBatcher(lambda x: 2 * x, max_batch_size=8, max_delay_ms=1.0)
     >>> double(np.array([1.0, 2.0]))
@@ -295,23 +297,30 @@ class DynamicBatcher:
 
     def _dispatch(self, batch: list[tuple[Any, _Sink, float]]) -> None:
         live = [(item, sink) for item, sink, _ in batch if sink.set_running_or_notify_cancel()]
-        if not live:
-            return
-        if not self._group:
-            self._run(live)
-            return
+        if self._group:
+            self._run_groups(live)
+        elif live:
+            self._run(live, grouped=False)
+
+    def _run_groups(self, entries: list[tuple[Any, _Sink]]) -> None:
+        """Run items of matching shapes and dtypes together, one batch per signature."""
         groups: dict[Hashable, list[tuple[Any, _Sink]]] = {}
-        for entry in live:
+        for entry in entries:
             groups.setdefault(_signature(entry[0]), []).append(entry)
         for group in groups.values():
-            self._run(group)
+            self._run(group, grouped=True)
 
-    def _run(self, group: list[tuple[Any, _Sink]]) -> None:
-        """Run one stackable group as a batch; fall back to one at a time where it must."""
+    def _run(self, group: list[tuple[Any, _Sink]], grouped: bool) -> None:
+        """Run one group as a batch; fall back to smaller groups or single items if it must."""
         try:
             stacked = self._stack([item for item, _ in group])
         except Exception:
-            self._run_singly(group)  # an item that cannot stack must not fail the others
+            # An item that cannot stack must not fail the others. A custom stack that refused
+            # a mix (say, sequences of two lengths) gets shape-matched groups first.
+            if grouped or len(group) == 1:
+                self._run_singly(group)
+            else:
+                self._run_groups(group)
             return
         try:
             results = self._call(stacked, len(group))

@@ -178,8 +178,8 @@ class ErrorRateTest:
             ConfigError: a count is negative, errors exceed calls, or a count went down
                 since the previous look (counts are cumulative).
         """
-        counts = (n_a, errors_a, n_b, errors_b)
-        _check_counts(*counts)
+        _check_counts(n_a, errors_a, n_b, errors_b)
+        counts = n_a, errors_a, n_b, errors_b = int(n_a), int(errors_a), int(n_b), int(errors_b)
         self._check_monotone(counts)
         self._last = counts
         self.looks += 1

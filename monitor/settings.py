@@ -82,6 +82,7 @@ class Settings:
     experiment_min_samples: int = 200
     experiment_max_duration_s: int = 86_400
     experiment_latency_tolerance: float = 0.10
+    experiment_improvement_margin: float = 0.0
     experiment_min_agreement: float = 0.98
     experiment_alpha: float = 0.05
     promotion_watch_s: int = 1800
@@ -123,8 +124,10 @@ class Settings:
                 f"setting drift_correction={self.drift_correction!r} must be one of "
                 "'fdr_bh', 'bonferroni', 'none'"
             )
-        if self.latency_tolerance < 0:
-            raise ConfigError(f"setting latency_tolerance={self.latency_tolerance!r} must be >= 0")
+        for name in ("latency_tolerance", "experiment_latency_tolerance",
+                     "experiment_improvement_margin"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ConfigError(f"setting {name}={getattr(self, name)!r} must be >= 0")
         if not self.database_url:
             raise ConfigError("setting database_url is empty: pass a SQLAlchemy URL")
 

@@ -150,11 +150,34 @@ def test_a_custom_stack_that_refuses_an_item_falls_back_to_single_runs() -> None
     def stack(items: Sequence[list[float]]) -> np.ndarray:
         return np.array(items, dtype=float)  # ragged lists raise ValueError
 
-    items = [[1.0, 2.0], [3.0], [4.0, 5.0]]
-    with DynamicBatcher(lambda x: x.sum(axis=1), stack=stack, max_batch_size=3,
+    items = [[1.0, 2.0], [3.0], [4.0, 5.0], [object()]]
+    with DynamicBatcher(lambda x: x.sum(axis=1), stack=stack, max_batch_size=4,
                         max_delay_ms=NEVER_MS, isolate_errors=False) as batcher:  # fmt: skip
         sums = _in_threads(batcher, items)
-    assert [float(s) for s in sums] == [3.0, 3.0, 9.0]
+    assert [float(s) for s in sums[:3]] == [3.0, 3.0, 9.0]
+    assert isinstance(sums[3], TypeError)  # float(object()): fails alone
+    assert batcher.stats()["batches"] == 2  # the two length-2 rows still shared a batch
+
+
+def test_a_concatenating_stack_batches_feeds_of_each_sequence_length_together() -> None:
+    sizes: list[int] = []
+
+    def model(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        sizes.append(len(feed["ids"]))
+        return [feed["ids"].sum(axis=1)]
+
+    def concat(items: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {"ids": np.concatenate([item["ids"] for item in items])}
+
+    def split(outputs: list[np.ndarray], n: int) -> list[float]:
+        return [float(outputs[0][i]) for i in range(n)]
+
+    feeds = [{"ids": np.ones((1, 3 if i % 2 else 5))} for i in range(6)]
+    with DynamicBatcher(model, stack=concat, unstack=split, max_batch_size=6,
+                        max_delay_ms=NEVER_MS) as batcher:  # fmt: skip
+        results = _in_threads(batcher, feeds)
+    assert results == [5.0, 3.0] * 3
+    assert sorted(sizes) == [3, 3]  # not six single runs
 
 
 def test_dict_and_tuple_outputs_are_split_per_item() -> None:

@@ -90,13 +90,14 @@ def analyze(
     cv, cw = sketch.expand(champ["_hist"])
     xv, xw = sketch.expand(chall["_hist"])
     tol = settings.experiment_latency_tolerance
-    gate: dict[str, Any] = {
-        "tolerance": tol,
-        "alpha": settings.experiment_alpha,
-        "min_samples": exp.min_samples,
-    }
-    slower = compare_latencies(cv, xv, baseline_weights=cw, recent_weights=xw, **gate)
-    faster = compare_latencies(xv, cv, baseline_weights=xw, recent_weights=cw, **gate)
+    gate: dict[str, Any] = {"alpha": settings.experiment_alpha, "min_samples": exp.min_samples}
+    # Guardrail: slower beyond the tolerance. Improvement: faster with the whole interval
+    # beyond the improvement margin (0 by default: significantly faster).
+    slower = compare_latencies(cv, xv, baseline_weights=cw, recent_weights=xw, tolerance=tol,
+                               **gate)  # fmt: skip
+    margin = settings.experiment_improvement_margin
+    faster = compare_latencies(xv, cv, baseline_weights=xw, recent_weights=cw, tolerance=margin,
+                               **gate)  # fmt: skip
     errors = ErrorRateTest(alpha=settings.experiment_alpha, min_samples=exp.min_samples).update(
         champ["calls"], champ["errors"], chall["calls"], chall["errors"]
     )

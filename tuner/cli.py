@@ -481,7 +481,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``tunewatch demo``: wrap a real model, send traffic, print the status."""
     from tuner.demo import run_demo
 
-    return run_demo(settings_from(args), calls=args.calls)
+    return run_demo(settings_from(args), yes=args.yes)
 
 
 # --- parser ----------------------------------------------------------------------------
@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo", parents=[common])
-    demo.add_argument("--calls", type=int, default=2000, help="how many calls to send")
+    demo.add_argument("--yes", action="store_true", help="approve the promotion automatically")
     demo.set_defaults(func=cmd_demo)
     return parser
 
