@@ -17,12 +17,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# `make demo DEMO_ARGS=` stops at the promotion and waits for `tunewatch approve`.
+DEMO_ARGS ?= --yes
+
 demo: $(STAMP)
-	$(BIN)/tunewatch demo
+	$(BIN)/tunewatch demo $(DEMO_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check monitor tuner migrations tests bench
-	$(BIN)/ruff format --check monitor tuner migrations tests bench
+	$(BIN)/ruff check monitor tuner migrations tests bench dashboards
+	$(BIN)/ruff format --check monitor tuner migrations tests bench dashboards
 
 types: $(STAMP)
 	$(BIN)/mypy
@@ -33,7 +36,8 @@ pytest: $(STAMP)
 test: lint types pytest
 
 bench: $(STAMP)
-	$(BIN)/python bench/overhead.py
+	for b in overhead detection tuning serving sequential batching_micro; do \
+		$(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info tunewatch.db tunewatch.db-wal tunewatch.db-shm

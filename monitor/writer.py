@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,8 +143,28 @@ class Writer:
         self._stop = False
         self._backoff = 0.0
         self._last_error = ""
+        self._start_thread()
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _restart(ref))
+
+    def _start_thread(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tunewatch-writer", daemon=True)
         self._thread.start()
+
+    def _after_fork(self) -> None:
+        """In a forked child (e.g. a pre-forking server): fresh locks, connections, thread."""
+        self._drop_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._flushed = threading.Condition()
+        self._flush_seq = self._done_seq = 0
+        self.instance_id = f"{self.instance_id[:8]}{os.getpid():08x}"[:16]
+        self.counters = {}
+        self._shadow, self._shadow_dirty = {}, set()
+        self._aggs.clear()
+        self.calls.clear()
+        self.db.engine.dispose(close=False)  # never share the parent's connections
+        if not self._stop:
+            self._start_thread()
 
     # --- called from other threads ------------------------------------------------------
 
@@ -380,6 +401,12 @@ class Writer:
         horizon = (now.timestamp() - 6 * self.settings.aggregate_interval_s) * 1e9
         for slot in [s for s, a in self._aggs.items() if s[1] < horizon and not a.dirty]:
             del self._aggs[slot]
+
+
+def _restart(ref: weakref.ReferenceType[Writer]) -> None:
+    writer = ref()
+    if writer is not None:
+        writer._after_fork()
 
 
 def _insert(dialect: str, table: Any) -> Any:

@@ -55,6 +55,15 @@ def test_bisection_stops_when_refining_gains_little() -> None:
     assert result.best_batch_size == 32
 
 
+def test_resumes_from_a_known_good_batch_but_still_measures_batch_one() -> None:
+    model = SimulatedModel(lambda b: 0.010 + 0.0001 * b)
+    result = search_batch_size(model.run, slo_ms=20, start=64, config=FAST, clock=model.clock)
+    assert [p.batch_size for p in result.curve] == [1, 64, 96, 104, 112, 128]
+    assert result.best_batch_size == 96
+    past_slo = search_batch_size(model.run, slo_ms=12, start=64, config=FAST, clock=model.clock)
+    assert past_slo.curve[1].batch_size == 2  # batch 64 missed the SLO: doubled from 1 instead
+
+
 def test_stops_doubling_after_two_steps_that_gain_under_5_percent() -> None:
     # Throughput saturates from batch 4 on (fixed cost per item dominates).
     model = SimulatedModel(lambda b: 0.001 * b if b >= 4 else 0.004)

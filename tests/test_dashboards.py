@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -62,8 +63,6 @@ def load_generator() -> ModuleType:
 
 def committed_dashboards() -> dict[str, dict[str, Any]]:
     """File name -> parsed JSON of every committed dashboard."""
-    import json
-
     return {p.name: json.loads(p.read_text()) for p in sorted(JSON_DIR.glob("*.json"))}
 
 
@@ -355,12 +354,14 @@ def backfill_history(settings: Settings, now: datetime) -> None:
 
     rng = np.random.default_rng(1)
     with Monitor(settings=settings) as mon:
-        for start, end, n, scale in ((3, 1, 800, 1.0), (1, 0, 400, 1.3)):
+        # Normal for two hours, then 30 % slower for the last hour.
+        for from_h, to_h, n, scale in ((3, 1, 800, 1.0), (1, 0, 400, 1.3)):
             mon.log(
                 name="ranker", version="v1", inputs=rng.normal(size=(n, 3)),
                 latency_ms=rng.lognormal(np.log(20.0 * scale), 0.3, n),
-                timestamps=_times(now - timedelta(hours=start), now - timedelta(hours=end), n),
+                timestamps=_times(now - timedelta(hours=from_h), now - timedelta(hours=to_h), n),
             )  # fmt: skip
+        # A reference hour five hours ago, then shifted features and outputs now.
         for start, end, shift in ((timedelta(hours=5), timedelta(hours=4), 0.0),
                                   (timedelta(minutes=50), timedelta(0), 1.0)):  # fmt: skip
             frame = pd.DataFrame(rng.normal(size=(400, 4)), columns=["f0", "f1", "f2", "f3"])
@@ -706,10 +707,12 @@ def test_latency_percentiles_are_quantiles_of_the_merged_histograms(seeded_pg: S
             b" WHERE interval_start BETWEEN %s AND %s",
             (end - WINDOW, end),
         ).fetchall()
-    groups: dict[tuple[float, str], list[dict[str, int]]] = defaultdict(list)
+    groups: dict[tuple[float, str], list[dict[int, int]]] = defaultdict(list)
     for start, model, version, arm, buckets in rows:
         minute = math.floor(start.timestamp() / 60) * 60
-        groups[(minute, f"{model}:{version} [{arm}]")].append(buckets)
+        groups[(minute, f"{model}:{version} [{arm}]")].append(
+            {int(k): v for k, v in buckets.items()}
+        )
     expected = {k: sketch.quantiles(sketch.merge(h), [0.95])[0] for k, h in groups.items()}
     assert len(expected) >= 3
     assert {(float(t), m) for t, m in got} == set(expected)

@@ -108,3 +108,24 @@ def test_sigkill_loses_at_most_the_last_flush_interval(sqlite_url: str) -> None:
     safe = max(n for n, t in progress if t <= killed_at - 1.0)
     recorded = _calls(sqlite_url, "killed")
     assert safe <= recorded <= progress[-1][0]
+
+
+def test_a_forked_child_keeps_recording(sqlite_url: str) -> None:
+    mon = Monitor(sqlite_url)
+    f = mon.wrap(lambda x: x, name="forked", version="v1")
+    f(1)
+    mon.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: a pre-forking server's worker
+        try:
+            for i in range(100):
+                f(i)
+            ok = mon.flush(timeout=20)
+            os._exit(0 if ok else 3)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    f(2)
+    mon.close()
+    assert _calls(sqlite_url, "forked") == 102

@@ -142,14 +142,16 @@ def search_batch_size(
     slo_ms: float,
     max_batch_size: int = 256,
     min_gain: float = 0.05,
+    start: int = 1,
     config: MeasureConfig = MeasureConfig(),
     clock: Clock = time.perf_counter,
 ) -> BatchSearchResult:
     """Return the batch size with the most throughput whose p95 latency is <= ``slo_ms``.
 
-    Doubles from 1 until the SLO is missed, ``max_batch_size`` is reached or two doublings in a
-    row gain less than ``min_gain``; then bisects between the last batch within the SLO and the
-    first one past it, with the same two-small-steps stop.
+    Doubles from ``start`` (1 by default) until the SLO is missed, ``max_batch_size`` is reached
+    or two doublings in a row gain less than ``min_gain``; then bisects between the last batch
+    within the SLO and the first one past it, with the same two-small-steps stop. Batch 1 is
+    always measured, for its latency; a ``start`` past the SLO falls back to 1.
     """
     if slo_ms <= 0 or max_batch_size < 1:
         raise TunerError(f"slo_ms={slo_ms} and max_batch_size={max_batch_size} must be positive")
@@ -164,7 +166,11 @@ def search_batch_size(
     if first.p95_ms > slo_ms:
         reason = f"p95 {first.p95_ms:.2f} ms at batch 1 exceeds the SLO {slo_ms:g} ms"
         return BatchSearchResult(None, _sorted(curve), reason)
-    best, bracket, stop = _double(point, first, slo_ms, max_batch_size, min_gain)
+    origin = first
+    if 1 < start <= max_batch_size and point(start).p95_ms <= slo_ms:
+        origin = point(start)
+    best, bracket, stop = _double(point, origin, slo_ms, max_batch_size, min_gain)
+    best = first if first.throughput > best.throughput else best
     if bracket is not None:
         best, stop = _bisect(point, best, bracket, slo_ms, min_gain)
     reason = (
@@ -182,7 +188,7 @@ def _double(
     min_gain: float,
 ) -> tuple[CurvePoint, tuple[int, int] | None, str]:
     """Double the batch size; return the best point, (last within SLO, first past it), why."""
-    best, small_steps, b = first, 0, 1
+    best, small_steps, b = first, 0, first.batch_size
     while b < max_batch_size:
         previous, b = b, min(2 * b, max_batch_size)
         p = point(b)

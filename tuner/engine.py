@@ -67,6 +67,8 @@ MIN_GAIN = 0.05
 # Finalists within this fraction of the best are re-measured CONFIRM_ROUNDS more times.
 CLOSE_MARGIN = 0.05
 CONFIRM_ROUNDS = 2
+# Finalists within this fraction of the best at one thread get their runtime options tuned.
+LEADER_MARGIN = 0.10
 
 
 @dataclass(frozen=True)
@@ -381,21 +383,19 @@ class _Search:
         self.measurements += 1
         return measure_batch(self._run_fn(entry, options), batch, self.measure_config)
 
-    def _search(self, entry: _Entry, options: RuntimeOptions) -> BatchSearchResult:
+    def _search(self, entry: _Entry, options: RuntimeOptions, start: int = 1) -> BatchSearchResult:
         """Run the batch-size search (or batch 1 only for the latency objective)."""
         run = self._run_fn(entry, options)
         if self.objective == "latency":
             self.measurements += 1
             p = measure_batch(run, 1, self.measure_config)
             ok = p.p95_ms <= self.slo_ms
-            reason = (
-                f"p95 {p.p95_ms:.2f} ms at batch 1 {'<=' if ok else '>'} SLO {self.slo_ms:g} ms"
-            )
-            return BatchSearchResult(1 if ok else None, (p,), reason)
+            return BatchSearchResult(1 if ok else None, (p,), _latency_reason(p, self.slo_ms))
         result = search_batch_size(
             run,
             slo_ms=self.slo_ms,
             max_batch_size=self.space.max_batch_size,
+            start=start,
             config=self.measure_config,
         )
         self.measurements += len(result.curve)
@@ -423,25 +423,32 @@ class _Search:
         for e in ranked[self.finalists :]:
             e.note = e.note or f"not a finalist: screened below the top {self.finalists}"
         for i, e in enumerate(finals):
-            self.progress(f"tune {e.spec.name}", i, len(finals))
-            e.options, e.probes = self._probe_runtime(e)
+            self.progress(f"batch search {e.spec.name}", i, len(finals))
+            e.options = _default_options(e)
             e.search, e.stage = self._search(e, e.options), "finalist"
+        leaders = self._close_contenders(finals, LEADER_MARGIN)
+        for i, e in enumerate(leaders):
+            self.progress(f"runtime {e.spec.name}", i, len(leaders))
+            self._tune_runtime(e)
         self.progress("tune", len(finals), len(finals))
         self._confirm(finals)
 
+    def _close_contenders(self, finals: list[_Entry], margin: float) -> list[_Entry]:
+        """Return the finalists whose best point is within ``margin`` of the top one."""
+        best = [(e, e.search.best) for e in finals if e.search and e.search.best]
+        top = max((self._score(p) for _, p in best), default=-np.inf)
+        return [e for e, p in best if self._score(p) >= top - margin * abs(top)]
+
     def _confirm(self, finals: list[_Entry]) -> None:
         """Re-measure close contenders in turn so one noisy point cannot pick the winner."""
-        best = {id(e): e.search.best for e in finals if e.search and e.search.best}
-        if len(best) < 2:
-            return
-        top = max(self._score(p) for p in best.values())
-        close = [e for e in finals if id(e) in best and _close(self._score(best[id(e)]), top)]
+        close = self._close_contenders(finals, CLOSE_MARGIN)
         if len(close) < 2:
             return
         for i in range(CONFIRM_ROUNDS):
             self.progress("confirm", i, CONFIRM_ROUNDS)
             for e in close:
-                e.confirm.append(self._measure(e, e.options, best[id(e)].batch_size))
+                assert e.search is not None and e.search.best is not None
+                e.confirm.append(self._measure(e, e.options, e.search.best.batch_size))
 
     def _choose_screen_batch(self, entries: list[_Entry]) -> None:
         """Halve the screening batch until the first (baseline) candidate meets the SLO."""
@@ -486,29 +493,47 @@ class _Search:
             retries += new
         return retries
 
-    def _probe_runtime(self, entry: _Entry) -> tuple[RuntimeOptions, list[dict[str, Any]]]:
-        """Climb the thread counts, then try spinning at the best count; return the winner."""
-        assert entry.screen is not None
+    def _tune_runtime(self, entry: _Entry) -> None:
+        """Probe runtime options at the entry's best batch; re-search the batch for a winner."""
+        assert entry.search is not None and entry.search.best is not None
+        first = entry.search.best
+        options, point, entry.probes = self._probe_runtime(entry, first)
+        if options == entry.options:
+            return
+        if self.objective == "latency":
+            within = point.p95_ms <= self.slo_ms
+            reason = _latency_reason(point, self.slo_ms)
+            entry.options = options
+            entry.search = BatchSearchResult(1 if within else None, (point,), reason)
+            return
+        # More threads lower the latency, so the old best batch is a safe place to start.
+        result = self._search(entry, options, start=first.batch_size)
+        if result.best is not None and self._score(result.best) > self._score(first):
+            entry.options, entry.search = options, result
+
+    def _probe_runtime(
+        self, entry: _Entry, start: CurvePoint
+    ) -> tuple[RuntimeOptions, CurvePoint, list[dict[str, Any]]]:
+        """Climb the thread counts, then try spinning at the best count, at one batch size."""
         allowed = set(self.space.runtime_options())
-        best, best_point = _default_options(entry), entry.screen
+        best, best_point = entry.options, start
         probes = [{"options": best.to_dict(), **best_point.to_dict()}]
         if entry.spec.provider != CPU:
-            return best, probes
-        threads = sorted({o.threads for o in allowed if o.threads > 1})
-        for t in threads:
+            return best, best_point, probes
+        for t in sorted({o.threads for o in allowed if o.threads > best.threads}):
             options = RuntimeOptions(threads=t)
-            point = self._measure(entry, options, self.screen_batch)
+            point = self._measure(entry, options, start.batch_size)
             probes.append({"options": options.to_dict(), **point.to_dict()})
             if not _better(self._score(point), self._score(best_point), MIN_GAIN):
                 break
             best, best_point = options, point
         spin = RuntimeOptions(threads=best.threads, spinning=True)
         if best.threads > 1 and spin in allowed and entry.built and entry.built.runtime != "torch":
-            point = self._measure(entry, spin, self.screen_batch)
+            point = self._measure(entry, spin, start.batch_size)
             probes.append({"options": spin.to_dict(), **point.to_dict()})
             if _better(self._score(point), self._score(best_point), 0.0):
-                best = spin
-        return best, probes
+                best, best_point = spin, point
+        return best, best_point, probes
 
     def _exhaustive(self, entries: list[_Entry]) -> None:
         """Run the full batch search for every passing candidate under every runtime option."""
@@ -623,6 +648,12 @@ def _torch_threads_restored() -> Iterator[None]:
     finally:
         if torch is not None and threads is not None:
             torch.set_num_threads(threads)
+
+
+def _latency_reason(point: CurvePoint, slo_ms: float) -> str:
+    """Explain a batch-1 latency against the SLO."""
+    sign = "<=" if point.p95_ms <= slo_ms else ">"
+    return f"p95 {point.p95_ms:.2f} ms at batch 1 {sign} SLO {slo_ms:g} ms"
 
 
 def _close(score: float, top: float) -> bool:
