@@ -24,7 +24,13 @@ from monitor.storage import Database, as_utc, utcnow
 
 log = logging.getLogger("tunewatch.events")
 
-KINDS = ("latency_regression", "data_drift", "prediction_drift")
+KINDS = (
+    "latency_regression",
+    "data_drift",
+    "prediction_drift",
+    "experiment_rollback",
+    "promotion_rollback",
+)
 STATUSES = ("open", "acknowledged", "resolved")
 
 
@@ -183,6 +189,7 @@ class RetuneRecord:
     event_id: int | None
     status: str
     created_at: datetime
+    note: str = ""
 
 
 def retune_requests(db: Database, status: str | None = "pending") -> list[RetuneRecord]:
@@ -193,7 +200,14 @@ def retune_requests(db: Database, status: str | None = "pending") -> list[Retune
     with db.session() as s:
         return [
             RetuneRecord(
-                r.id, r.model, r.version, r.reason, r.event_id, r.status, as_utc(r.created_at)
+                r.id,
+                r.model,
+                r.version,
+                r.reason,
+                r.event_id,
+                r.status,
+                as_utc(r.created_at),
+                r.note,
             )  # fmt: skip
             for r in s.scalars(stmt)
         ]

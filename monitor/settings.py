@@ -88,6 +88,7 @@ class Settings:
     promotion_watch_s: int = 1800
     tune_slo_ms: float = 50.0
     tune_objective: str = "throughput"
+    tune_quick: bool = False
     extra_jobs: str = ""  # "id=module:function@seconds;..." user jobs run like the built-in ones
     # Control plane.
     artifacts_dir: str = "artifacts"

@@ -105,3 +105,63 @@ def test_bad_job_references_are_clear_errors() -> None:
         jobs.parse_extra_jobs("nightly")
     with pytest.raises(ConfigError, match="'tests.nope:run'"):
         jobs.resolve("tests.nope:run")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_runs_the_api_beside_the_scheduler(sqlite_url: str, tmp_path: Path) -> None:
+    import httpx
+
+    port = _free_port()
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.getcwd(),
+        TUNEWATCH_DATABASE_URL=sqlite_url,
+        TUNEWATCH_API_TOKEN="s3cret",
+        TUNEWATCH_LATENCY_JOB_INTERVAL_S="1",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuner.cli", "serve", "--port", str(port)],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert httpx.get(f"{base}/api/promotions").status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(f"{base}/api/promotions", headers=auth).json() == {"promotions": []}
+        time.sleep(2.5)  # the latency job runs every second
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'tunewatch_job_runs_total{job="latency_detection"}' in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, out
+
+
+def test_serve_refuses_an_open_api_without_a_token(sqlite_url: str) -> None:
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), TUNEWATCH_DATABASE_URL=sqlite_url)
+    env.pop("TUNEWATCH_API_TOKEN", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "tuner.cli", "serve", "--host", "0.0.0.0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "token" in done.stderr.lower()

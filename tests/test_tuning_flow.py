@@ -159,3 +159,26 @@ def test_tune_cli_json_with_a_dataset(
     assert out["data"] == f"dataset {data}"
     assert "accuracy" in out["winner"]["accuracy"] or out["winner"]["accuracy"]
     assert {"version", "artifact", "config"} <= set(out["winner"])
+
+
+def test_scheduled_retune_consumes_requests_from_detection(
+    sqlite_url: str, tmp_path: Path, mlp_onnx: tuple[Path, np.ndarray]
+) -> None:
+    from monitor.events import Finding, apply_finding, retune_requests
+    from tuner import jobs
+
+    settings = _settings(sqlite_url, tmp_path).replace(tune_quick=True, tune_slo_ms=20.0)
+    db = Database(sqlite_url)
+    base = registry.register("digits", mlp_onnx[0], db=db, settings=settings)
+    _serve_traffic(sqlite_url, base.artifact_path, mlp_onnx[1][:120])
+    drift = Finding("data_drift", "digits", "v1", "", True, "warning", "inputs drifted", {})
+    event = apply_finding(db, drift, retune_kinds=["data_drift"])
+    assert event is not None and [r.status for r in retune_requests(db, None)] == ["pending"]
+    jobs.configure(settings, db)
+    assert jobs.retune() == {"handled": 1}
+    (request,) = retune_requests(db, None)
+    assert request.status == "done" and "winner v1-t" in request.note
+    with db.session() as s:
+        run = s.scalars(select(schema.TuningRun)).one()
+        assert run.retune_request_id == request.id and run.status == "done"
+    db.dispose()

@@ -241,10 +241,10 @@ def _retune(db: Any, settings: Settings, say: Say) -> dict[str, Any]:
     outcome = run_tuning(db, settings, MODEL, slo_ms=20.0, objective="latency", quick=True,
                          retune_request_id=requests[0].id if requests else None,
                          window=timedelta(hours=1))  # fmt: skip
-    from tuner.jobs import _mark_request
+    from tuner.jobs import mark_request
 
     for r in requests:
-        _mark_request(db, r.id, "done", f"tuning run {outcome.run_id}")
+        mark_request(db, r.id, "done", f"tuning run {outcome.run_id}")
     for t in outcome.result.leaderboard:
         verdict = "pass" if t.passed else "FAIL"
         p95 = f"{t.latency_p95_ms:.3f} ms" if t.latency_p95_ms else "-"

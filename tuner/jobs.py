@@ -204,27 +204,29 @@ def retune() -> dict[str, Any]:
     done: dict[str, str] = {}
     for request in retune_requests(db, "pending"):
         if request.model in done:
-            _mark_request(
+            mark_request(
                 db, request.id, "done", f"covered by the run for request {done[request.model]}"
             )
             continue
         done[request.model] = str(request.id)
-        _mark_request(db, request.id, "running", "")
+        mark_request(db, request.id, "running", "")
         try:
             from tuner.tuning import run_tuning
 
             outcome = run_tuning(
                 db, settings, request.model, slo_ms=settings.tune_slo_ms,
                 objective=settings.tune_objective, retune_request_id=request.id,
+                quick=settings.tune_quick,
             )  # fmt: skip
             winner = outcome.winner.version if outcome.winner else "none"
-            _mark_request(db, request.id, "done", f"tuning run {outcome.run_id}: winner {winner}")
+            mark_request(db, request.id, "done", f"tuning run {outcome.run_id}: winner {winner}")
         except Exception as exc:
-            _mark_request(db, request.id, "failed", str(exc)[:2000])
+            mark_request(db, request.id, "failed", str(exc)[:2000])
     return {"handled": len(done)}
 
 
-def _mark_request(db: Database, request_id: int, status: str, note: str) -> None:
+def mark_request(db: Database, request_id: int, status: str, note: str) -> None:
+    """Record what happened to a retune request."""
     with db.session() as s:
         row = s.get(schema.RetuneRequest, request_id)
         if row is not None:
