@@ -4,7 +4,7 @@ Run from the repository root: ``.venv/bin/python bench/batching_micro.py`` (abou
 two cores) or ``--quick``. Every figure is the median of ``--repeats`` runs in this one process;
 batched and unbatched runs alternate so machine noise hits both. BLAS is pinned to one thread
 (set before numpy loads) so the comparison is about batching, not about BLAS threads.
-Prints Markdown; ``bench/README_batching.md`` records a run.
+Prints Markdown; bench/README.md records a run.
 """
 
 from __future__ import annotations

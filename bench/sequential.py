@@ -4,7 +4,7 @@ Run from the repository root: ``.venv/bin/python bench/sequential.py`` (about a 
 cores) or ``--quick`` (seconds, coarser). Every simulated A/B test looks at its cumulative
 counts every ``STEP`` calls per arm up to ``HORIZON``; the mSPRT is
 :mod:`monitor.sequential`'s, vectorised over simulations (a cross-check against
-``ErrorRateTest`` runs first). Prints Markdown; ``bench/README_sequential.md`` records a run.
+``ErrorRateTest`` runs first). Prints Markdown; bench/README.md records a run.
 """
 
 from __future__ import annotations
