@@ -166,22 +166,43 @@ def plain_quantize_dynamic(base: Path, out: Path) -> Path:
     return out
 
 
+def wait_for_quiet(max_load: float = 1.0, timeout_s: float = 180.0) -> float:
+    """Wait (bounded) until the 1-min load average drops below ``max_load``; return it.
+
+    Other jobs share this 2-core machine; starting each timed phase on a quiet machine keeps
+    the smart and the exhaustive search comparable.
+    """
+    deadline = time.monotonic() + timeout_s
+    load = _load()
+    while load >= max_load and time.monotonic() < deadline:
+        time.sleep(5)
+        load = _load()
+    return load
+
+
+def _load() -> float:
+    """Return the 1-min load average."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def run_tunes(
     bench: ModelBench, kwargs: dict[str, Any], exhaustive: bool
 ) -> tuple[TuneResult, TuneResult | None]:
     """Run the smart search and, if asked, the exhaustive search over the same space."""
+    load = wait_for_quiet()
     smart = tune(**kwargs, workdir=OUT / bench.name / "smart", progress=_progress(bench.name))
-    bench.smart = _summary(smart)
+    bench.smart = {**_summary(smart), "load_at_start": load}
     write_report(smart, OUT / bench.name / "smart-report")
     full = None
     if exhaustive:
+        load = wait_for_quiet()
         full = tune(
             **kwargs,
             workdir=OUT / bench.name / "exhaustive",
             exhaustive=True,
             progress=_progress(bench.name + " exhaustive"),
         )
-        bench.exhaustive = _summary(full)
+        bench.exhaustive = {**_summary(full), "load_at_start": load}
         write_report(full, OUT / bench.name / "exhaustive-report")
     return smart, full
 
@@ -355,6 +376,7 @@ def bench_minilm(args: argparse.Namespace) -> ModelBench:
         run, runner = winner_run_fn(smart, evaluation)
         out = np.concatenate([runner.run(part)[0] for part in _chunks(evaluation, 64)])
         variants.append((f"tuner winner: {smart.winner.name}", run, out))
+    wait_for_quiet()
     speed = side_by_side([(name, run) for name, run, _ in variants])
     for name, _, out in variants:
         bench.rows.append({"variant": name, **speed[name], **_cos(reference, out)})
@@ -458,6 +480,7 @@ def bench_digits(args: argparse.Namespace) -> ModelBench:
     if smart.winner:
         run, runner = winner_run_fn(smart, evaluation)
         variants.append((f"tuner winner: {smart.winner.name}", run, runner.run(evaluation)[0]))
+    wait_for_quiet()
     speed = side_by_side([(name, run) for name, run, _ in variants])
     for name, _, logits in variants:
         bench.rows.append({"variant": name, **speed[name], "test_accuracy": _acc(logits, y[test])})
@@ -558,7 +581,8 @@ def _search_lines(b: ModelBench) -> list[str]:
                 f"- {label}: {s['elapsed_s']:.1f} s, {s['measurements']} measurements, "
                 f"{s['trials']} trials ({s['passed']} passed the guard); winner {s['winner']} "
                 f"{_fmt(s['winner_throughput'])} items/s at batch {s['winner_batch']} "
-                f"({RuntimeOptions(**s['winner_runtime']).label() if s['winner_runtime'] else '-'})"
+                f"({_runtime_label(s['winner_runtime'])}); "
+                f"load average {s['load_at_start']:.2f} at its start"
             )
     h = b.head_to_head
     if h:
@@ -569,6 +593,11 @@ def _search_lines(b: ModelBench) -> list[str]:
             f"best in **{h['time_ratio']:.1%}** of its time"
         )
     return out
+
+
+def _runtime_label(runtime: dict[str, Any] | None) -> str:
+    """Return the label of a runtime-options dict."""
+    return RuntimeOptions(**runtime).label() if runtime else "-"
 
 
 def _fmt(value: float | None) -> str:

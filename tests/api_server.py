@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import uvicorn
 
 from monitor.settings import Settings
 from monitor.storage import Database
+from tests.serving_models import tiny_onnx
 from tuner import promotions, registry
 from tuner.api import create_app
 
@@ -45,26 +45,6 @@ EVIDENCE: dict[str, Any] = {
 def without_auth(settings: Settings) -> Settings:
     """``settings`` with ``api_auth_disabled`` on."""
     return settings.replace(api_auth_disabled=True)
-
-
-def tiny_onnx(path: Path, scale: float = 1.0) -> Path:
-    """Write a 4 -> 3 MatMul ONNX model (``scale`` makes versions differ) and return its path."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    weights = (np.arange(12, dtype=np.float32) * scale).tolist()
-    w = helper.make_tensor("W", TensorProto.FLOAT, [4, 3], weights)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])],
-        "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-        [w],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.save(model, str(path))
-    return path
 
 
 def seed_model(db: Database, settings: Settings, tmp: Path, name: str, versions: int = 2) -> None:

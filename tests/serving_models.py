@@ -10,6 +10,22 @@ IN, OUT = 16, 4
 WEIGHTS = np.random.default_rng(7).normal(size=(IN, OUT)).astype(np.float32)
 
 
+def tiny_onnx(path: Path | str, scale: float = 1.0) -> Path:
+    """A 4 -> 3 MatMul model (``scale`` makes versions differ); returns its path."""
+    from onnx import TensorProto, helper
+
+    weights = (np.arange(12, dtype=np.float32) * scale).tolist()
+    w = helper.make_tensor("W", TensorProto.FLOAT, [4, 3], weights)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [w],
+    )
+    return _save(graph, Path(path))
+
+
 def light_model(path: Path) -> Path:
     """``y = x @ W``: a few microseconds a call."""
     from onnx import TensorProto, helper

@@ -13,6 +13,7 @@ import pytest
 
 from monitor.batching import BatcherClosed, DynamicBatcher, Overloaded, unstack_rows
 from monitor.errors import ConfigError, MonitorError
+from tests.serving_models import tiny_onnx
 
 NEVER_MS = 60_000.0  # a delay no test waits out: batches go when full or on close
 
@@ -66,27 +67,9 @@ def test_32_concurrent_callers_each_get_their_own_row() -> None:
     assert (stats["batches"], stats["items"], stats["mean_batch_size"]) == (1, 32, 32.0)
 
 
-def _tiny_onnx(path: str) -> str:
-    import onnx
-    from onnx import TensorProto, helper
-
-    w = helper.make_tensor("W", TensorProto.FLOAT, [4, 3], np.arange(12, dtype=np.float32))
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])],
-        "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-        [w],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.save(model, path)
-    return path
-
-
 def test_onnx_session_feeds_are_batched_and_outputs_split(tmp_path: object) -> None:
     ort = pytest.importorskip("onnxruntime")
-    sess = ort.InferenceSession(_tiny_onnx(f"{tmp_path}/tiny.onnx"))
+    sess = ort.InferenceSession(tiny_onnx(f"{tmp_path}/tiny.onnx"))
     rows = np.random.default_rng(0).normal(size=(24, 4)).astype(np.float32)
     feeds = [{"x": row} for row in rows]
     with DynamicBatcher(lambda feed: sess.run(None, feed), max_batch_size=8,

@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from monitor import ConfigError, Monitor, storage
 from monitor.status import summarize
+from tests.serving_models import tiny_onnx
 
 
 def _summary(mon: Monitor, model: str) -> dict[str, object]:
@@ -102,27 +103,9 @@ def test_torch_module_runs_under_inference_mode(sqlite_url: str) -> None:
     assert np.allclose(raw["arg0"], x[0].numpy())
 
 
-def _tiny_onnx(path: str) -> str:
-    import onnx
-    from onnx import TensorProto, helper
-
-    w = helper.make_tensor("W", TensorProto.FLOAT, [4, 3], np.arange(12, dtype=np.float32))
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])],
-        "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-        [w],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.save(model, path)
-    return path
-
-
 def test_onnx_session_keeps_run_and_accepts_a_feed(tmp_path: object, sqlite_url: str) -> None:
     ort = pytest.importorskip("onnxruntime")
-    sess = ort.InferenceSession(_tiny_onnx(f"{tmp_path}/tiny.onnx"))
+    sess = ort.InferenceSession(tiny_onnx(f"{tmp_path}/tiny.onnx"))
     feed = {"x": np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)}
     expected = sess.run(None, feed)
     with Monitor(sqlite_url, sample_rate=1.0) as mon:
