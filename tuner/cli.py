@@ -481,7 +481,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``tunewatch demo``: wrap a real model, send traffic, print the status."""
     from tuner.demo import run_demo
 
-    return run_demo(settings_from(args), yes=args.yes)
+    if not 0.1 <= args.pace <= 10:
+        raise argparse.ArgumentTypeError(f"--pace {args.pace} must be between 0.1 and 10")
+    return run_demo(settings_from(args), yes=args.yes, pace=args.pace)
 
 
 # --- parser ----------------------------------------------------------------------------
@@ -599,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the end-to-end demo", parents=[common])
     demo.add_argument("--yes", action="store_true", help="approve the promotion automatically")
+    demo.add_argument("--pace", type=float, default=1.0,
+                      help="scale every phase's duration (0.35 runs in about 40 s)")  # fmt: skip
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -329,7 +329,7 @@ def seed_database(settings: Settings, pace: float = 0.35) -> dict[str, Any]:
     return run_flow(settings, yes=True, say=lambda _msg: None, pace=pace)
 
 
-def run_demo(settings: Settings, *, yes: bool = False) -> int:
+def run_demo(settings: Settings, *, yes: bool = False, pace: float = 1.0) -> int:
     """``tunewatch demo``: run the flow with progress, then print the summary."""
     import logging
 
@@ -338,7 +338,7 @@ def run_demo(settings: Settings, *, yes: bool = False) -> int:
     console = Console()
     logging.getLogger("tunewatch").setLevel(logging.ERROR)  # the demo narrates events itself
     start = time.perf_counter()
-    summary = run_flow(settings, yes=yes, say=console.print)
+    summary = run_flow(settings, yes=yes, say=console.print, pace=pace)
     summary["elapsed_s"] = round(time.perf_counter() - start, 1)
     _print_summary(console, summary)
     return 0
@@ -349,21 +349,24 @@ def _print_summary(console: Any, s: dict[str, Any]) -> None:
 
     table = Table(title="tunewatch demo: what happened", show_header=False)
     b, a = s["latency_before_ms"], s["latency_after_ms"]
-    acc = s.get("winner_accuracy") or {}
     ev = s["evidence"]
+    reg = s.get("latency_regression") or {}
+    ci = ev.get("median_ratio_ci") or [None, None]
     rows = [
-        ("events detected", ", ".join(s["events"])),
-        ("drift share (inputs)", _fmt(s.get("drift_share"))),
-        ("latency regression (median, p95)", str(s.get("latency_regression"))),
-        ("champion latency before (p50 / p95 ms)", f"{_fmt(b['p50_ms'])} / {_fmt(b['p95_ms'])}"),
-        ("champion latency after (p50 / p95 ms)", f"{_fmt(a['p50_ms'])} / {_fmt(a['p95_ms'])}"),
-        ("speed-up, live median (champion / challenger)",
-         f"x{_fmt(ev['median_ratio_champion_over_challenger'])} CI {ev['median_ratio_ci']}"),
-        ("speed-up, offline (tuning run)", f"x{_fmt(s.get('offline_speedup'))}"),
-        ("accuracy agreement with the old champion", str(acc)),
+        ("events detected", ", ".join(s["events"]) or "none"),
+        ("input drift: share of features drifted", _fmt(s.get("drift_share"))),
+        ("latency regression detected (median, p95)",
+         f"x{_fmt(reg.get('median_ratio'))}, x{_fmt(reg.get('p95_ratio'))}"),
+        ("champion latency before: p50 / p95", f"{_fmt(b['p50_ms'])} / {_fmt(b['p95_ms'])} ms"),
+        ("champion latency after: p50 / p95", f"{_fmt(a['p50_ms'])} / {_fmt(a['p95_ms'])} ms"),
+        ("speed-up live (median, 90 % CI)",
+         f"x{_fmt(ev['median_ratio_champion_over_challenger'])} [{_fmt(ci[0])}, {_fmt(ci[1])}]"),
+        ("speed-up offline (tuning run, items/s)", f"x{_fmt(s.get('offline_speedup'))}"),
+        ("winner", f"{s['winner']} ({s.get('winner_candidate')})"),
+        ("accuracy vs the old champion", _accuracy(s.get("winner_accuracy") or {})),
         ("decision", f"{s['decision']} by {s['decided_by']}; now serving {s['serving']}"),
-        ("evidence: error-rate p-value, agreement",
-         f"{_fmt(ev['error_rate_p_value'])}, {ev['agreement']}"),
+        ("evidence: error-rate p-value (mSPRT)", _fmt(ev["error_rate_p_value"])),
+        ("evidence: output agreement", _agreement(ev.get("agreement") or {})),
         ("elapsed", f"{s.get('elapsed_s')} s"),
         ("database", s["database"]),
     ]  # fmt: skip
@@ -374,6 +377,23 @@ def _print_summary(console: Any, s: dict[str, Any]) -> None:
         "next: `tunewatch status`, `tunewatch events`, `tunewatch promotions`, "
         "`tunewatch serve` (API + approval page), and the Grafana dashboards"
     )
+
+
+def _accuracy(acc: dict[str, Any]) -> str:
+    parts = []
+    if "top1_agreement" in acc:
+        parts.append(f"top-1 agreement {100 * acc['top1_agreement']:.2f} %")
+    if "accuracy" in acc:
+        parts.append(f"accuracy {100 * acc['accuracy']:.2f} %")
+    return ", ".join(parts) or str(acc)
+
+
+def _agreement(agreement: dict[str, Any]) -> str:
+    if agreement.get("source") == "shadow":
+        return f"shadow: {_fmt(agreement.get('rate'))} of {agreement.get('compared')} calls agree"
+    verdict = "differ" if agreement.get("drift_detected") else "agree"
+    return (f"split traffic: output distributions {verdict} "
+            f"({agreement.get('compared', 0)} challenger outputs)")  # fmt: skip
 
 
 def _fmt(x: Any) -> str:
