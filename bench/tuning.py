@@ -54,6 +54,7 @@ DOC_MODULES = (
     "sqlite3 statistics string struct subprocess tarfile tempfile textwrap threading "
     "traceback types typing unittest urllib.parse uuid warnings weakref zipfile"
 )
+NOTES_MARKER = "<!-- notes: kept when the tables above are regenerated -->"
 SEQ_LEN = 32
 SIDE_BATCH = 32
 RunFn = Callable[[int], object]
@@ -261,7 +262,7 @@ def head_to_head(
             runner = trial_runner(trial)
             size = trial.best_batch_size or 1
             batch = make_batch(feeds, size)
-            point = measure_batch(lambda b, r=runner, x=batch: r.run(x), size, config)
+            point = measure_batch(_fixed_batch(runner, batch), size, config)
             results[label].append(point.throughput)
     s, e = float(np.median(results["smart"])), float(np.median(results["exhaustive"]))
     return {
@@ -272,6 +273,15 @@ def head_to_head(
         "ratio": s / e,
         "time_ratio": smart.elapsed_s / full.elapsed_s,
     }
+
+
+def _fixed_batch(runner: Runner, batch: Feeds) -> RunFn:
+    """Return run(b) that always runs ``batch`` (built for the size being measured)."""
+
+    def run(b: int) -> object:
+        return runner.run(batch)
+
+    return run
 
 
 def _config_label(result: TuneResult) -> str:
@@ -548,7 +558,10 @@ def write_readme(info: dict[str, str], benches: list[ModelBench], args: argparse
         lines += [f"## {b.name}", "", *[f"- {n}" for n in b.notes], ""]
         lines += _side_table(b.rows)
         lines += ["", *_search_lines(b), ""]
-    README.write_text("\n".join(lines) + "\n")
+    old = README.read_text() if README.exists() else ""
+    # Hand-written analysis below the marker survives a re-run.
+    notes = old[old.index(NOTES_MARKER) :] if NOTES_MARKER in old else ""
+    README.write_text("\n".join(lines) + "\n" + notes)
 
 
 def _side_table(rows: list[dict[str, Any]]) -> list[str]:

@@ -111,6 +111,7 @@ def test_tune_on_production_samples_registers_the_winner(
     assert all({"passed", "reason", "config", "accuracy"} <= set(t) for t in out["leaderboard"])
     assert Path(out["report"]).read_text().count("|") > 10 and Path(out["plot"]).stat().st_size > 0
     assert out["data"] == "production samples of digits:v1"
+    assert out["speedup"] is not None and out["speedup"] > 0  # measured alike, never assumed
     versions = {v.version: v for v in list_versions(db, "digits")}
     assert versions[out["winner"]["version"]].status == "candidate"
     assert versions[out["winner"]["version"]].parent_version == "v1"

@@ -175,16 +175,13 @@ def _finish(
     baseline = next((t for t in result.leaderboard if t.name == "ort-fp32"), None)
     winner_info = _register_winner(db, settings, run_id, base, result)
     w = serving_winner(result)
-    speedup = None
-    if baseline and baseline.throughput and w is not None and w.throughput:
-        speedup = round(w.throughput / baseline.throughput, 3)
+    base_tp, win_tp, speedup = speedup_over(baseline, w)
     with db.session() as s:
         run = s.get(schema.TuningRun, run_id)
         assert run is not None
         run.status, run.finished_at = "done", utcnow()
         run.winner_version = winner_info.version if winner_info else None
-        run.baseline_throughput = baseline.throughput if baseline else None
-        run.winner_throughput = w.throughput if w is not None else None
+        run.baseline_throughput, run.winner_throughput = base_tp, win_tp
         run.speedup, run.report_path, run.plot_path = speedup, str(report), str(plot)
         run.summary = {"data": source, "elapsed_s": result.elapsed_s, "mode": result.mode,
                        "skipped": [x.to_dict() for x in result.skipped]}  # fmt: skip
@@ -227,6 +224,20 @@ def _trial_row(run_id: int, t: Any, winner: Any) -> schema.TuningTrial:
         curve={"points": [p.to_dict() for p in t.curve]},
         is_winner=winner is not None and t.name == winner.name,
     )  # fmt: skip
+
+
+def speedup_over(baseline: Any, winner: Any) -> tuple[float | None, float | None, float | None]:
+    """(baseline items/s, winner items/s, ratio) measured alike: both at the screening batch
+    size with one thread (every candidate is screened), else both at their best batch size."""
+    if baseline is None or winner is None:
+        return None, None, None
+    a, b = baseline.screen, winner.screen
+    if a is not None and b is not None and a.throughput and b.throughput:
+        return a.throughput, b.throughput, round(b.throughput / a.throughput, 3)
+    if baseline.throughput and winner.throughput:
+        ratio = round(winner.throughput / baseline.throughput, 3)
+        return baseline.throughput, winner.throughput, ratio
+    return None, None, None
 
 
 def serving_winner(result: Any) -> Any:
