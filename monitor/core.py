@@ -255,6 +255,11 @@ class Monitor:
     def _drop(self) -> None:
         self._writer.count(DROP_PREFIX + "queue_full")
 
+    def _internal_error(self) -> None:
+        """A record that could not be built (e.g. an odd input): counted, never raised."""
+        with contextlib.suppress(Exception):
+            self._writer.count(DROP_PREFIX + "internal_error")
+
     def _make_span(
         self, key: Key, wall_ns: int, dt_ns: int, error: str | None, parent: Any, items: int
     ) -> None:
@@ -330,7 +335,7 @@ class Instrumented:
             else:
                 self._mon._drop()
         except Exception:  # monitoring never raises into the caller
-            pass
+            self._mon._internal_error()
         return result
 
     def _record(
@@ -345,8 +350,8 @@ class Instrumented:
                 self._key, t0, dt, batch_size_of(args, kwargs), error, None,
                 (current_parent() or True) if r < self._trate else None,
             ))  # fmt: skip
-        except Exception:
-            pass
+        except Exception:  # monitoring never raises into the caller
+            self._mon._internal_error()
 
     @property
     def __wrapped__(self) -> Any:
@@ -404,8 +409,8 @@ class InstrumentedSession(Instrumented):
                 ))  # fmt: skip
             else:
                 self._mon._drop()
-        except Exception:
-            pass
+        except Exception:  # monitoring never raises into the caller
+            self._mon._internal_error()
         return result
 
     def __call__(self, input_feed: Mapping[str, Any], output_names: Any = None) -> Any:

@@ -238,3 +238,16 @@ def test_bad_arguments_name_the_value(sqlite_url: str) -> None:
         Monitor(sqlite_url, sample_rate=1.5)
     with pytest.raises(ConfigError, match="queue_size='many'"):
         Monitor(sqlite_url, queue_size="many")
+
+
+def test_an_input_that_breaks_monitoring_never_breaks_the_call(sqlite_url: str) -> None:
+    class Odd:
+        @property
+        def shape(self) -> tuple[int, ...]:
+            raise RuntimeError("no shape today")
+
+    with Monitor(sqlite_url) as mon:
+        wrapped = mon.wrap(lambda x: "ok", name="odd", version="v1")
+        assert wrapped(Odd()) == "ok"
+        mon.flush()
+        assert storage.counters(mon.db)["dropped_internal_error"] == 1
