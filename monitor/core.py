@@ -322,32 +322,22 @@ class Instrumented:
         except BaseException as exc:
             self._record(t0, perf_counter_ns() - t0, args, kwargs, None, type(exc).__name__)
             raise
-        dt = perf_counter_ns() - t0
-        try:
-            q = self._q
-            if len(q) < self._qmax:
-                r = random()
-                q.append((
-                    self._key, t0, dt, batch_size_of(args, kwargs), None,
-                    (args, kwargs, result) if r < self._srate else None,
-                    (current_parent() or True) if r < self._trate else None,
-                ))  # fmt: skip
-            else:
-                self._mon._drop()
-        except Exception:  # monitoring never raises into the caller
-            self._mon._internal_error()
+        self._record(t0, perf_counter_ns() - t0, args, kwargs, result, None)
         return result
 
     def _record(
         self, t0: int, dt: int, args: Any, kwargs: Any, result: Any, error: str | None
     ) -> None:
+        """Queue one call (the only monitoring work on the call path); never raises."""
         try:
-            if len(self._q) >= self._qmax:
+            q = self._q
+            if len(q) >= self._qmax:
                 self._mon._drop()
                 return
             r = random()
-            self._q.append((
-                self._key, t0, dt, batch_size_of(args, kwargs), error, None,
+            q.append((
+                self._key, t0, dt, batch_size_of(args, kwargs), error,
+                (args, kwargs, result) if error is None and r < self._srate else None,
                 (current_parent() or True) if r < self._trate else None,
             ))  # fmt: skip
         except Exception:  # monitoring never raises into the caller
@@ -397,20 +387,7 @@ class InstrumentedSession(Instrumented):
         except BaseException as exc:
             self._record(t0, perf_counter_ns() - t0, (input_feed,), {}, None, type(exc).__name__)
             raise
-        dt = perf_counter_ns() - t0
-        try:
-            q = self._q
-            if len(q) < self._qmax:
-                r = random()
-                q.append((
-                    self._key, t0, dt, batch_size_of((input_feed,), {}), None,
-                    ((input_feed,), {}, result) if r < self._srate else None,
-                    (current_parent() or True) if r < self._trate else None,
-                ))  # fmt: skip
-            else:
-                self._mon._drop()
-        except Exception:  # monitoring never raises into the caller
-            self._mon._internal_error()
+        self._record(t0, perf_counter_ns() - t0, (input_feed,), {}, result, None)
         return result
 
     def __call__(self, input_feed: Mapping[str, Any], output_names: Any = None) -> Any:

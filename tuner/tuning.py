@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-from sqlalchemy import select
 
 from monitor import schema
 from monitor.registry import VersionInfo, champion
@@ -275,19 +272,3 @@ def _register_winner(
         db=db,
         settings=settings,
     )
-
-
-def latest_run(db: Database, model: str) -> dict[str, Any] | None:
-    """The newest tuning run of a model, as a dict (for status pages)."""
-    t = schema.TuningRun
-    with db.session() as s:
-        run = s.scalars(select(t).where(t.model == model).order_by(t.id.desc())).first()
-        if run is None:
-            return None
-        return {"id": run.id, "status": run.status, "winner": run.winner_version,
-                "speedup": run.speedup, "report": run.report_path}  # fmt: skip
-
-
-def cleanup(workdir: Path) -> None:
-    """Remove a run's intermediate files (kept by default for the report's links)."""
-    shutil.rmtree(workdir, ignore_errors=True)
