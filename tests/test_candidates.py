@@ -35,7 +35,7 @@ from tuner.candidates import (
     quantize_static_model,
 )
 from tuner.errors import ArtifactError, TunerError
-from tuner.onnx_tools import RuntimeOptions, describe_inputs, load_session
+from tuner.onnx_tools import RuntimeOptions, describe_inputs, load_session, sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +148,16 @@ def test_fp32_candidate_is_graph_optimized(ctx: BuildContext, digits: Digits) ->
 
 def test_dynamic_int8_quantizes_the_linear_layers(ctx: BuildContext, digits: Digits) -> None:
     specs, _ = enumerate_candidates(SearchSpace(), has_torch_module=True, vnni=True)
-    spec = next(s for s in specs if s.name == "dynamic-s8-pc")
-    built = build_candidate(spec, ctx)
-    # The exporter emits Gemm, which dynamic quantization ignores; the builder rewrites it.
-    assert "MatMulInteger" in ops(built.path) and "Gemm" not in ops(built.path)
-    assert agreement(ctx, built.path, digits) >= 0.98
+    by_name = {s.name: s for s in specs}
+    built = build_candidate(by_name["dynamic-s8-pc"], ctx)
+    raw = build_candidate(by_name["dynamic-s8-pc-raw"], ctx)
+    for candidate in (built, raw):
+        # The exporter emits Gemm, which dynamic quantization ignores; the builder rewrites it.
+        assert "MatMulInteger" in ops(candidate.path) and "Gemm" not in ops(candidate.path)
+        assert agreement(ctx, candidate.path, digits) >= 0.98
+    # One is quantized from the pre-processed graph, the other from the export as it was.
+    assert sha256_file(raw.path) != sha256_file(built.path)
+    assert by_name["dynamic-s8-pc-raw"].params["preprocess"] is False
 
 
 def test_static_qdq_candidate(ctx: BuildContext, digits: Digits) -> None:

@@ -89,6 +89,7 @@ def test_leaderboard_has_every_candidate_with_a_reason(result: TuneResult) -> No
         "ort-fp32",
         "dynamic-s8-pc",
         "dynamic-s8",
+        "dynamic-s8-pc-raw",
         "static-minmax-u8-all",
         "static-percentile-u8-all",
         "torch-dynamic-s8",
