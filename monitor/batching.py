@@ -2,9 +2,11 @@
 
 Models on CPU and GPU are far cheaper per item in batches, but a server handles one request
 per thread. :class:`DynamicBatcher` sits between them: callers hand in one item and block on
-their own result while one worker thread gathers pending items into a batch (up to
+their own result while a worker thread gathers pending items into a batch (up to
 ``max_batch_size``, waiting at most ``max_delay_ms`` after the batch's first item arrived),
-runs the batch function once and hands each caller its own row of the output.
+runs the batch function once and hands each caller its own row of the output. With
+``workers=N`` (Triton's model-instance count) N batches can run at once, for a batch
+function that releases the GIL (ONNX Runtime, torch) on a machine with cores to spare.
 
 A batch is a unit of work, not of failure: an item that cannot be stacked with the others runs
 alone, and (with ``isolate_errors``, the default) a batch whose function raises is retried one
@@ -173,7 +175,10 @@ class DynamicBatcher:
         isolate_errors: when a batch raises, rerun its items one at a time so each caller
             gets its own result or exception (``batch_fn`` must be safe to call again, as
             inference is). When false, every caller in the failed batch gets the exception.
-        name: names the worker thread and the stats.
+        name: names the worker threads and the stats.
+        workers: batches that may run at once, each on its own thread; ``batch_fn`` must then
+            be safe to call from several threads (an ORT session or a torch module in
+            inference mode is). Give each worker about ``cores / intra-op threads``.
 
     Stacking failures never fail other callers, whatever ``isolate_errors`` says.
 
@@ -198,8 +203,11 @@ class DynamicBatcher:
         unstack: Callable[[Any, int], Sequence[Any]] | None = None,
         isolate_errors: bool = True,
         name: str = "batcher",
+        workers: int = 1,
     ) -> None:
         _check_settings(batch_fn, max_batch_size, max_delay_ms, max_queue)
+        if isinstance(workers, bool) or not (isinstance(workers, int) and workers >= 1):
+            raise ConfigError(f"workers={workers!r} is invalid: use an integer >= 1")
         self.name = name
         self._fn = batch_fn
         self._max = max_batch_size
@@ -209,7 +217,9 @@ class DynamicBatcher:
         self._stack: Callable[[Sequence[Any]], Any] = stack or stack_rows
         self._unstack: Callable[[Any, int], Sequence[Any]] = unstack or unstack_rows
         self._isolate = isolate_errors
+        self._workers = workers
         self._closed = False
+        self._count_lock = threading.Lock()  # workers update the counters concurrently
         self._counts = {"batches": 0, "batched_items": 0, "items": 0, "errors": 0, "retried": 0}
         self._rejected = 0
         self._start()
@@ -218,9 +228,12 @@ class DynamicBatcher:
     def _start(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._pending: deque[tuple[Any, _Sink, float]] = deque()
-        self._thread = threading.Thread(target=self._loop, name=f"tunewatch-{self.name}",
-                                        daemon=True)  # fmt: skip
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"tunewatch-{self.name}-{i}", daemon=True)
+            for i in range(self._workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     # --- caller side (the hot path) -------------------------------------------------------
 
@@ -261,7 +274,7 @@ class DynamicBatcher:
                     "shed load or raise max_queue"
                 )
             self._pending.append((item, sink, monotonic()))
-            # Wake the worker only when it can act: a first item to time, or a full batch.
+            # Wake a worker only when it can act: a first item to time, or a full batch.
             if n == 0 or n + 1 == self._max:
                 self._cond.notify()
 
@@ -283,17 +296,22 @@ class DynamicBatcher:
         """Wait for the next batch: full, or ``max_delay_ms`` old; None once closed and empty."""
         with self._cond:
             pending = self._pending
-            while not pending:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            deadline = pending[0][2] + self._delay
-            while len(pending) < self._max and not self._closed:
-                remaining = deadline - monotonic()
-                if remaining <= 0.0:
-                    break
-                self._cond.wait(remaining)
-            return [pending.popleft() for _ in range(min(len(pending), self._max))]
+            while True:
+                while not pending:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                # The oldest item sets the deadline; another worker may take it meanwhile.
+                while pending and len(pending) < self._max and not self._closed:
+                    remaining = pending[0][2] + self._delay - monotonic()
+                    if remaining <= 0.0:
+                        break
+                    self._cond.wait(remaining)
+                if pending:
+                    batch = [pending.popleft() for _ in range(min(len(pending), self._max))]
+                    if pending and self._workers > 1:
+                        self._cond.notify()  # leftovers: an idle worker starts timing them
+                    return batch
 
     def _dispatch(self, batch: list[tuple[Any, _Sink, float]]) -> None:
         live = [(item, sink) for item, sink, _ in batch if sink.set_running_or_notify_cancel()]
@@ -326,13 +344,13 @@ class DynamicBatcher:
             results = self._call(stacked, len(group))
         except BaseException as exc:
             if self._isolate and len(group) > 1 and isinstance(exc, Exception):
-                self._counts["retried"] += 1
+                self._count(retried=1)
                 self._run_singly(group)
             else:
                 for _, sink in group:
                     self._fail(sink, exc)
             return
-        self._counts["items"] += len(group)
+        self._count(items=len(group))
         for (_, sink), result in zip(group, results):
             sink.set_result(result)
 
@@ -343,20 +361,23 @@ class DynamicBatcher:
             except BaseException as exc:
                 self._fail(sink, exc)
             else:
-                self._counts["items"] += 1
+                self._count(items=1)
                 sink.set_result(result)
 
+    def _count(self, **increments: int) -> None:
+        with self._count_lock:
+            for key, value in increments.items():
+                self._counts[key] += value
+
     def _call(self, stacked: Any, n: int) -> Sequence[Any]:
-        self._counts["batches"] += 1
-        self._counts["batched_items"] += n
+        self._count(batches=1, batched_items=n)
         results = self._unstack(self._fn(stacked), n)
         if len(results) != n:
             raise ValueError(f"unstack returned {len(results)} results for {n} items")
         return results
 
     def _fail(self, sink: _Sink, exc: BaseException) -> None:
-        self._counts["items"] += 1
-        self._counts["errors"] += 1
+        self._count(items=1, errors=1)
         sink.set_exception(exc)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -369,8 +390,10 @@ class DynamicBatcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        deadline = None if timeout is None else monotonic() + timeout
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(None if deadline is None else max(0.0, deadline - monotonic()))
         _LIVE.discard(self)
 
     @property
@@ -389,6 +412,7 @@ class DynamicBatcher:
         c = self._counts
         return {
             "name": self.name,
+            "workers": self._workers,
             "batches": c["batches"],
             "items": c["items"],
             "mean_batch_size": c["batched_items"] / c["batches"] if c["batches"] else 0.0,
@@ -405,7 +429,10 @@ class DynamicBatcher:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._pending)} pending"
-        return f"<DynamicBatcher {self.name!r} max_batch_size={self._max} {state}>"
+        return (
+            f"<DynamicBatcher {self.name!r} max_batch_size={self._max} "
+            f"workers={self._workers} {state}>"
+        )
 
 
 def _deliver_error(sink: _Sink, exc: BaseException) -> None:

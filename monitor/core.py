@@ -157,7 +157,8 @@ class Monitor:
         """Serve ``name``'s champion from the registry, routing a share to a challenger.
 
         Options: ``poll_s`` (routing reload period, default 5 s), ``batching`` (default: on
-        when the tuner chose a batch size > 1), ``max_batch_size``, ``max_delay_ms``.
+        when the tuner chose a batch size > 1), ``max_batch_size``, ``max_delay_ms``,
+        ``batch_workers`` (batches run at once; default the version's ``batch_workers``, else 1).
         See :class:`monitor.deploy.Deployment`.
 
         Raises:

@@ -96,16 +96,23 @@ class Deployment:
         batching: bool | None = None,
         max_batch_size: int | None = None,
         max_delay_ms: float | None = None,
+        batch_workers: int | None = None,
         shadow_queue: int = 1000,
     ) -> None:
         if poll_s <= 0:
             raise ConfigError(f"poll_s={poll_s!r} must be > 0 seconds")
+        if batch_workers is not None and (
+            isinstance(batch_workers, bool) or not isinstance(batch_workers, int)
+            or batch_workers < 1
+        ):  # fmt: skip
+            raise ConfigError(f"batch_workers={batch_workers!r} is invalid: use an integer >= 1")
         self._mon = monitor
         self.model = model
         self.poll_s = poll_s
         self._batching = batching
         self._max_batch = max_batch_size
         self._max_delay = max_delay_ms
+        self._batch_workers = batch_workers
         self._shadow_q: deque[tuple[_State, Any, Any]] = deque()
         self._shadow_max = shadow_queue
         self._shadow_wake = threading.Event()
@@ -172,10 +179,11 @@ class Deployment:
 
         delay = float(self._max_delay if self._max_delay is not None
                       else info.config.get("max_delay_ms", 5.0))  # fmt: skip
+        workers = int(self._batch_workers or info.config.get("batch_workers") or 1)
         batcher: Any = DynamicBatcher(
             lambda feed: session.run(None, feed), max_batch_size=max(1, batch),
             max_delay_ms=delay, stack=_concat_rows, unstack=_split_rows,
-            name=f"{info.model}:{info.version}",
+            name=f"{info.model}:{info.version}", workers=workers,
         )  # fmt: skip
         closers.append(batcher.close)
         # Each caller's call is recorded (its wait included) with its arm and version.

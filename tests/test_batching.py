@@ -239,6 +239,8 @@ def test_a_cancelled_future_is_skipped_and_a_timeout_leaves_the_item_queued() ->
         ({"max_delay_ms": -1.0}, "max_delay_ms=-1.0"),
         ({"max_delay_ms": float("nan")}, "max_delay_ms=nan"),
         ({"max_queue": 0}, "max_queue=0"),
+        ({"workers": 0}, "workers=0"),
+        ({"workers": True}, "workers=True"),
     ],
 )
 def test_invalid_settings_raise_config_error_naming_the_value(
@@ -259,6 +261,33 @@ def test_many_submitters_through_an_executor_all_complete() -> None:
         results = list(pool.map(batcher, [np.array([i]) for i in range(400)]))
     assert [int(r[0]) for r in results] == [-i for i in range(400)]
     assert batcher.stats()["items"] == 400
+
+
+def test_two_workers_run_two_batches_at_once() -> None:
+    # Each batch waits at a barrier for a second batch: only two concurrent batches pass it.
+    both = threading.Barrier(2, timeout=30)
+
+    def model(x: np.ndarray) -> np.ndarray:
+        both.wait()
+        return x * 10
+
+    with DynamicBatcher(model, max_batch_size=2, max_delay_ms=NEVER_MS, workers=2) as batcher:
+        results = _in_threads(batcher, [np.array([i]) for i in range(4)])
+    assert [int(r[0]) for r in results] == [0, 10, 20, 30]  # each caller its own row
+    stats = batcher.stats()
+    assert (stats["workers"], stats["batches"], stats["items"], stats["errors"]) == (2, 2, 4, 0)
+
+
+def test_several_workers_answer_every_caller_and_count_exactly() -> None:
+    batcher = DynamicBatcher(lambda x: -x, max_batch_size=8, max_delay_ms=0.5, workers=3)
+    with batcher, ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(batcher, [np.array([i]) for i in range(2000)]))
+    assert [int(r[0]) for r in results] == [-i for i in range(2000)]
+    stats = batcher.stats()
+    assert stats["items"] == 2000 and stats["pending"] == 0
+    assert stats["batches"] * stats["mean_batch_size"] == pytest.approx(2000)
+    alive = [t for t in threading.enumerate() if t.name.startswith("tunewatch-batcher-")]
+    assert alive == []  # close() joined every worker
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

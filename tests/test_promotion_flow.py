@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 
 from monitor import Monitor, Settings, schema
 from monitor.deploy import unit_interval
+from monitor.errors import ConfigError
 from monitor.events import list_events
 from monitor.registry import champion, list_versions
 from monitor.storage import Database, read_aggregates
@@ -178,12 +179,20 @@ def test_sticky_keys_always_get_the_same_arm(sqlite_url: str, tmp_path: Path) ->
     db.dispose()
 
 
-def test_dynamic_batching_gives_each_caller_its_own_row(sqlite_url: str, tmp_path: Path) -> None:
-    _setup(sqlite_url, tmp_path, "light", "light", batch_size=8, max_delay_ms=2.0)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dynamic_batching_gives_each_caller_its_own_row(
+    sqlite_url: str, tmp_path: Path, workers: int
+) -> None:
+    config: dict[str, object] = {"batch_size": 8, "max_delay_ms": 2.0}
+    if workers > 1:
+        config["batch_workers"] = workers  # as the registry's version config says
+    _setup(sqlite_url, tmp_path, "light", "light", **config)
     rows = RNG.normal(size=(16 * 20, IN)).astype(np.float32)
     results: dict[int, np.ndarray] = {}
     with Monitor(sqlite_url) as mon:
         dep = mon.deployment("clf", poll_s=60)
+        batch_threads = [t for t in threading.enumerate() if t.name.startswith("tunewatch-clf:v1-")]
+        assert len(batch_threads) == workers
 
         def client(c: int) -> None:
             for j in range(20):
@@ -200,6 +209,12 @@ def test_dynamic_batching_gives_each_caller_its_own_row(sqlite_url: str, tmp_pat
     assert len(results) == 320 and recorded == 320
     for i, y in results.items():
         np.testing.assert_allclose(y, rows[i : i + 1] @ WEIGHTS, rtol=1e-4, atol=1e-5)
+
+
+def test_an_invalid_batch_worker_count_names_the_value(sqlite_url: str, tmp_path: Path) -> None:
+    _setup(sqlite_url, tmp_path, "light", "light", batch_size=8)
+    with Monitor(sqlite_url) as mon, pytest.raises(ConfigError, match="batch_workers=0"):
+        mon.deployment("clf", batch_workers=0)
 
 
 def test_concurrent_decisions_give_exactly_one(db_url: str, tmp_path: Path) -> None:
