@@ -120,10 +120,18 @@ def test_smart_search_tunes_only_the_finalists(
     assert 1 <= len(finalists) <= 2
     for t in finalists:
         assert any(p.batch_size == 1 for p in t.curve)
-    # The leader's runtime options were probed at its best one-thread batch size.
+    # Every finalist was screened at one thread and at two threads with spinning; its batch
+    # search ran under the faster of the two, and the leader's probes started from there.
+    for t in finalists:
+        assert t.screen is not None and t.config["screen_wide"]["options"]["threads"] == 2
+        assert t.config["screen_wide"]["options"]["spinning"] is True
     probed = [t for t in finalists if "runtime_probes" in t.config]
-    assert probed and all(t.config["runtime_probes"][0]["options"]["threads"] == 1 for t in probed)
-    assert all(len(t.config["runtime_probes"]) >= 2 for t in probed)
+    assert probed and all(len(t.config["runtime_probes"]) >= 2 for t in probed)
+    for t in probed:
+        wide = t.config["screen_wide"]
+        faster = wide["options"] if wide["throughput"] > t.screen.throughput else None
+        start = t.config["runtime_probes"][0]["options"]
+        assert start["threads"] == (faster["threads"] if faster else 1)
     screened = [t for t in result.leaderboard if t.stage == "screened" and t.passed]
     assert all("not a finalist" in t.reason and t.screen is not None for t in screened)
     # Every variant was screened at the batch size where the baseline peaked under the SLO.
