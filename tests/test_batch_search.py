@@ -73,6 +73,19 @@ def test_stops_doubling_after_two_steps_that_gain_under_5_percent() -> None:
     assert "two doublings gained < 5%" in result.reason
 
 
+def test_picks_the_smallest_batch_within_5_percent_of_the_most_throughput() -> None:
+    # items/s: 250, 400, 667, 800, then a flat top: 1000 at 16, 1020 at 32, 1040 at 64.
+    ms = {1: 4.0, 2: 5.0, 4: 6.0, 8: 10.0, 16: 16.0, 32: 32 / 1.020, 64: 64 / 1.040}
+    model = SimulatedModel(lambda b: ms[b] / 1000)
+    result = search_batch_size(model.run, slo_ms=1000, config=FAST, clock=model.clock)
+    assert [p.batch_size for p in result.curve] == [1, 2, 4, 8, 16, 32, 64]
+    assert result.best_batch_size == 16
+    assert result.best is not None and result.best.throughput == pytest.approx(1000, rel=1e-6)
+    assert "smallest batch within 5% of the most measured (1040.0 items/s at batch 64)" in (
+        result.reason
+    )
+
+
 def test_reports_when_even_batch_one_misses_the_slo() -> None:
     model = SimulatedModel(lambda b: 0.05)
     result = search_batch_size(model.run, slo_ms=10, config=FAST, clock=model.clock)

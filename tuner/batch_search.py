@@ -7,7 +7,7 @@ than ``min_gain``. Every point is measured until stable, warm-up runs excluded.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -151,7 +151,9 @@ def search_batch_size(
     Doubles from ``start`` (1 by default) until the SLO is missed, ``max_batch_size`` is reached
     or two doublings in a row gain less than ``min_gain``; then bisects between the last batch
     within the SLO and the first one past it, with the same two-small-steps stop. Batch 1 is
-    always measured, for its latency; a ``start`` past the SLO falls back to 1.
+    always measured, for its latency; a ``start`` past the SLO falls back to 1. The answer is
+    the smallest measured batch within ``min_gain`` of the most throughput measured: on a flat
+    curve a bigger batch buys only noise and costs latency.
     """
     if slo_ms <= 0 or max_batch_size < 1:
         raise TunerError(f"slo_ms={slo_ms} and max_batch_size={max_batch_size} must be positive")
@@ -173,11 +175,33 @@ def search_batch_size(
     best = first if first.throughput > best.throughput else best
     if bracket is not None:
         best, stop = _bisect(point, best, bracket, slo_ms, min_gain)
+    chosen = _knee(curve.values(), best, slo_ms, min_gain)
     reason = (
-        f"batch {best.batch_size}: {best.throughput:.1f} items/s, p95 {best.p95_ms:.2f} ms "
+        f"batch {chosen.batch_size}: {chosen.throughput:.1f} items/s, p95 {chosen.p95_ms:.2f} ms "
         f"<= SLO {slo_ms:g} ms; stopped: {stop}"
     )
-    return BatchSearchResult(best.batch_size, _sorted(curve), reason)
+    if chosen is not best:
+        reason += (
+            f"; the smallest batch within {min_gain:.0%} of the most measured "
+            f"({best.throughput:.1f} items/s at batch {best.batch_size})"
+        )
+    return BatchSearchResult(chosen.batch_size, _sorted(curve), reason)
+
+
+def _knee(
+    points: Iterable[CurvePoint], best: CurvePoint, slo_ms: float, min_gain: float
+) -> CurvePoint:
+    """Return the smallest batch within ``min_gain`` of the best throughput, within the SLO.
+
+    On a flat curve the top point differs from its neighbours by less than the measurement
+    noise of a shared machine; a bigger batch only adds latency and memory for that, so the
+    same threshold that stops the search (gains under ``min_gain`` do not count) picks the
+    batch size.
+    """
+    near = [
+        p for p in points if p.p95_ms <= slo_ms and p.throughput >= best.throughput * (1 - min_gain)
+    ]
+    return min(near, key=lambda p: p.batch_size, default=best)
 
 
 def _double(

@@ -4,8 +4,8 @@ The smart search screens every variant at the batch size where the baseline peak
 SLO, at one thread and at the widest runtime (all threads, spinning), keeps the few fastest that
 pass the accuracy guard, batch-searches those under the runtime that screened faster, tunes
 threads and spinning for the leaders at their best batch size, and re-measures close
-contenders before naming a winner. ``exhaustive=True`` instead runs the full
-batch search for every guard-passing variant under every runtime option.
+contenders before naming a winner. ``exhaustive=True`` instead runs the full batch search for
+every guard-passing variant under every runtime option.
 """
 
 from __future__ import annotations
@@ -464,10 +464,10 @@ class _Search:
         """Pick the screening batch size with the first (baseline) candidate.
 
         By default: the batch size where the baseline peaks under the SLO, found by its own
-        batch search (kept for it as a finalist). On the digits CNN static int8 led dynamic
-        int8 by 50 % at batch 32 and trailed it at batch 256, where both end up serving, so a
-        fixed screening batch can drop the eventual winner. With a fixed size: halve it until
-        the baseline meets the SLO.
+        batch search (kept for it as a finalist), so every variant is screened near the batch
+        size it will serve at rather than at an arbitrary one (a 100 ms SLO on MiniLM and a
+        5 ms SLO on a small CNN put that at 16-32 and 64-256). With a fixed size: halve it
+        until the baseline meets the SLO.
         """
         if self.objective == "latency":
             self.screen_batch = 1
