@@ -106,6 +106,15 @@ def test_tune_on_production_samples_registers_the_winner(
     out = outcome.to_dict()
     assert out["winner"] is not None and out["winner"]["version"] == f"v1-t{outcome.run_id}"
     assert out["winner"]["config"]["batch_size"] >= 1 and Path(out["winner"]["artifact"]).is_file()
+    # Serving defaults for a deployment: waiting to fill a batch plus running it fits the SLO.
+    config = out["winner"]["config"]
+    assert config["batch_workers"] >= 1
+    if config["batch_size"] > 1:
+        full = next(
+            p for t in out["leaderboard"] if t["name"] == out["winner"]["name"]
+            for p in t["curve"] if p["batch_size"] == config["batch_size"]
+        )  # fmt: skip
+        assert 0 <= config["max_delay_ms"] <= min(full["p95_ms"], 20.0 - full["p95_ms"]) + 1e-3
     names = {t["name"] for t in out["leaderboard"]}
     assert {"ort-fp32", "dynamic-s8-pc", "static-minmax-u8-all"} <= names
     assert all({"passed", "reason", "config", "accuracy"} <= set(t) for t in out["leaderboard"])

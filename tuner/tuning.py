@@ -250,6 +250,23 @@ def serving_winner(result: Any) -> Any:
     )  # fmt: skip
 
 
+def serving_defaults(trial: Any, slo_ms: float) -> dict[str, Any]:
+    """Dynamic-batching settings a deployment of ``trial`` uses unless told otherwise.
+
+    ``max_delay_ms``: a batch may wait to fill for as long as its own run takes, and never so
+    long that waiting plus the measured p95 of a full batch exceeds the SLO. ``batch_workers``:
+    as many concurrent batches as the tuned intra-op threads leave cores for.
+    """
+    from tuner.onnx_tools import cpu_count
+
+    threads = int(trial.config.get("runtime", {}).get("threads", 1) or 1)
+    out: dict[str, Any] = {"batch_workers": max(1, cpu_count() // threads)}
+    point = next((p for p in trial.curve if p.batch_size == trial.best_batch_size), None)
+    if point is not None and trial.best_batch_size > 1:
+        out["max_delay_ms"] = round(max(0.0, min(point.p95_ms, slo_ms - point.p95_ms)), 3)
+    return out
+
+
 def _register_winner(
     db: Database, settings: Settings, run_id: int, base: VersionInfo, result: Any
 ) -> VersionInfo | None:
@@ -260,7 +277,8 @@ def _register_winner(
     metrics = {"throughput": w.throughput, "latency_p50_ms": w.latency_p50_ms,
                "latency_p95_ms": w.latency_p95_ms, "accuracy": w.accuracy,
                "tuning_run": run_id}  # fmt: skip
-    config = {**w.config, "candidate": w.name, "tuning_run": run_id}
+    config = {**w.config, **serving_defaults(w, result.slo_ms), "candidate": w.name,
+              "tuning_run": run_id}  # fmt: skip
     return registry.register(
         base.model,
         Path(w.artifact),
