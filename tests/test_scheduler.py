@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -69,6 +71,35 @@ def test_two_serve_processes_never_run_the_same_slot_twice(pg_url: str, tmp_path
     assert len(broken) >= 4 and all(r.status == "failed" for r in broken)
     assert "this job is broken on purpose" in (broken[0].traceback or "")
     assert {r.status for r in _runs(pg_url, "latency_detection")} == {"success"}
+
+
+def test_processes_starting_together_create_the_job_table_once(db_url: str) -> None:
+    # Each thread stands for a `tunewatch serve` process: its own engine, all at once.
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from sqlalchemy import inspect
+
+    from tuner.scheduler import create_job_table
+
+    engines = [storage.create_db_engine(db_url) for _ in range(6)]
+    start = threading.Barrier(len(engines))
+    errors: list[BaseException] = []
+
+    def create(engine: Any) -> None:
+        start.wait(30)
+        try:
+            create_job_table(SQLAlchemyJobStore(engine=engine))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert inspect(engines[0]).has_table("apscheduler_jobs")
+    for engine in engines:
+        engine.dispose()
 
 
 def test_sigterm_stops_after_the_running_job(sqlite_url: str, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -27,8 +28,10 @@ log = logging.getLogger("tunewatch.serve")
 def build_scheduler(settings: Settings, db: Database) -> BackgroundScheduler:
     """A scheduler with every job of ``settings`` registered (safe to call repeatedly)."""
     jobs.configure(settings, db)
+    store = SQLAlchemyJobStore(engine=db.engine)
+    create_job_table(store)
     scheduler = BackgroundScheduler(
-        jobstores={"default": SQLAlchemyJobStore(engine=db.engine)},
+        jobstores={"default": store},
         executors={"default": ThreadPoolExecutor(4)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
         timezone="UTC",
@@ -41,6 +44,28 @@ def build_scheduler(settings: Settings, db: Database) -> BackgroundScheduler:
             replace_existing=True,
         )  # fmt: skip
     return scheduler
+
+
+def create_job_table(store: SQLAlchemyJobStore, attempts: int = 5) -> None:
+    """Create APScheduler's job table once, even when several processes start together.
+
+    The job store checks for its table and then creates it, which is not atomic: two
+    ``tunewatch serve`` processes starting at once on PostgreSQL both issue CREATE TABLE and one
+    fails on pg_type's unique index. The loser finds the winner's table and goes on.
+    """
+    from sqlalchemy import exc, inspect
+
+    table = store.jobs_t
+    for attempt in range(attempts):
+        try:
+            table.create(store.engine, checkfirst=True)
+            return
+        except exc.DBAPIError:
+            if inspect(store.engine).has_table(table.name, schema=table.schema):
+                return
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def serve(settings: Settings, *, stop: threading.Event | None = None, api: Any = None) -> int:
