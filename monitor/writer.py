@@ -144,8 +144,7 @@ class Writer:
         self._backoff = 0.0
         self._last_error = ""
         self._start_thread()
-        ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: _restart(ref))
+        _LIVE.add(self)
 
     def _start_thread(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tunewatch-writer", daemon=True)
@@ -158,10 +157,15 @@ class Writer:
         self._flushed = threading.Condition()
         self._flush_seq = self._done_seq = 0
         self.instance_id = f"{self.instance_id[:8]}{os.getpid():08x}"[:16]
-        self.counters = {}
+        # Everything pending is the parent's to write: the child starts empty.
+        self.counters, self.totals, self._minute = {}, {}, {}
         self._shadow, self._shadow_dirty = {}, set()
+        self._samples, self._spans = [], []
+        self._seen_dirty.clear()
         self._aggs.clear()
         self.calls.clear()
+        self.logs.clear()
+        self.span_rows.clear()
         self.db.engine.dispose(close=False)  # never share the parent's connections
         if not self._stop:
             self._start_thread()
@@ -257,10 +261,8 @@ class Writer:
             group[1].append(items)
             if error is not None:
                 group[2].append(error)
-            if payload is not None:
-                self._sample(key, wall, payload)
-            if span_ctx is not None and self.make_span is not None:
-                self.make_span(key, wall, dt, error, span_ctx, items)
+            if payload is not None or span_ctx is not None:
+                self._extras(key, wall, dt, items, error, payload, span_ctx)
         for slot, (dts, items_list, errors) in groups.items():
             agg = aggs.get(slot)
             if agg is None:
@@ -274,6 +276,20 @@ class Writer:
             self._take_log(self.logs.popleft())
         while self.span_rows:
             self._buffer(self._spans, self.span_rows.popleft())
+
+    def _extras(
+        self, key: Key, wall: int, dt: int, items: int, error: str | None, payload: Any,
+        span_ctx: Any,
+    ) -> None:  # fmt: skip
+        """Sample and span of one call; a record that breaks them loses only them."""
+        try:
+            if payload is not None:
+                self._sample(key, wall, payload)
+            if span_ctx is not None and self.make_span is not None:
+                self.make_span(key, wall, dt, error, span_ctx, items)
+        except Exception:
+            log.debug("tunewatch: cannot sample a call of %s", key.model, exc_info=True)
+            self.count(DROP_PREFIX + "internal_error")
 
     def _mark_seen(self, key: Key, wall_ns: int) -> None:
         when = datetime.fromtimestamp(wall_ns / 1e9, timezone.utc)
@@ -398,15 +414,25 @@ class Writer:
         self._forget_closed_intervals(now)
 
     def _forget_closed_intervals(self, now: datetime) -> None:
-        horizon = (now.timestamp() - 6 * self.settings.aggregate_interval_s) * 1e9
-        for slot in [s for s, a in self._aggs.items() if s[1] < horizon and not a.dirty]:
+        horizon_s = now.timestamp() - 6 * self.settings.aggregate_interval_s
+        for slot in [s for s, a in self._aggs.items() if s[1] < horizon_s * 1e9 and not a.dirty]:
             del self._aggs[slot]
+        with self._drop_lock:
+            for slot in [s for s in self._shadow if s[1] < horizon_s]:
+                if slot not in self._shadow_dirty:
+                    del self._shadow[slot]
 
 
-def _restart(ref: weakref.ReferenceType[Writer]) -> None:
-    writer = ref()
-    if writer is not None:
+_LIVE: weakref.WeakSet[Writer] = weakref.WeakSet()
+
+
+def _restart_after_fork() -> None:
+    for writer in list(_LIVE):
         writer._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_restart_after_fork)
 
 
 def _insert(dialect: str, table: Any) -> Any:

@@ -129,3 +129,49 @@ def test_a_forked_child_keeps_recording(sqlite_url: str) -> None:
     f(2)
     mon.close()
     assert _calls(sqlite_url, "forked") == 102
+
+
+def test_a_forked_child_does_not_write_the_parents_pending_rows_again(sqlite_url: str) -> None:
+    from monitor.storage import Database, count_samples
+
+    # A long flush interval: the three sampled calls are still pending when the fork happens.
+    mon = Monitor(sqlite_url, sample_rate=1.0, flush_interval_s=60.0)
+    f = mon.wrap(lambda x: 0, name="pending", version="v1")
+    for i in range(3):
+        f(np.full((1, 4), float(i)))  # one row each
+    time.sleep(0.5)  # the writer has drained them into its row buffers by now
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os._exit(0 if mon.flush(timeout=20) else 3)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    mon.close()
+    db = Database(sqlite_url)
+    assert count_samples(db, "pending") == 3 and _calls(sqlite_url, "pending") == 3
+    db.dispose()
+
+
+def test_a_call_whose_input_cannot_be_sampled_loses_only_its_sample(sqlite_url: str) -> None:
+    from monitor.storage import Database, count_samples
+
+    class Unreadable:
+        def __array__(self, *args: object, **kwargs: object) -> np.ndarray:
+            raise RuntimeError("this input cannot be read")
+
+    with Monitor(sqlite_url, sample_rate=1.0) as mon:
+        f = mon.wrap(lambda x: 0, name="mixed", version="v1")
+        for i in range(50):
+            f(np.full((1, 4), float(i)))
+        assert f(Unreadable()) == 0  # the model call itself is untouched
+        for i in range(50):
+            f(np.full((1, 4), float(i)))
+        mon.flush()
+        status = summarize(mon.db, model="mixed")
+    db = Database(sqlite_url)
+    assert _calls(sqlite_url, "mixed") == 101  # every call's latency is kept
+    assert count_samples(db, "mixed") == 100
+    db.dispose()
+    assert status.drops_by_reason == {"internal_error": 1}
