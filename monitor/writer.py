@@ -418,9 +418,9 @@ class Writer:
         for slot in [s for s, a in self._aggs.items() if s[1] < horizon_s * 1e9 and not a.dirty]:
             del self._aggs[slot]
         with self._drop_lock:
-            for slot in [s for s in self._shadow if s[1] < horizon_s]:
-                if slot not in self._shadow_dirty:
-                    del self._shadow[slot]
+            for key_slot in [k for k in self._shadow if k[1] < horizon_s]:
+                if key_slot not in self._shadow_dirty:
+                    del self._shadow[key_slot]
 
 
 _LIVE: weakref.WeakSet[Writer] = weakref.WeakSet()
