@@ -6,7 +6,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -48,7 +48,12 @@ class Api:
 
 @pytest.fixture
 def settings(db_url: str, tmp_path: Path) -> Settings:
-    return Settings(database_url=db_url, artifacts_dir=str(tmp_path / "artifacts"), api_token=TOKEN)
+    return Settings(
+        database_url=db_url,
+        artifacts_dir=str(tmp_path / "artifacts"),
+        api_token=TOKEN,
+        promotion_watch_s=600,
+    )  # not the library default: the API must pass it
 
 
 @pytest.fixture
@@ -111,7 +116,9 @@ def test_approve_makes_the_challenger_champion_once(api: Api) -> None:
     assert champion(api.db, "clf").version == "v2"
     assert again.status_code == 409 and rejected_late.status_code == 409
     assert again.json()["detail"].startswith(f"promotion {pid} was already decided: applied by ana")
-    assert one["status"] == "applied" and one["watch_until"] is not None
+    assert one["status"] == "applied"
+    applied, until = (datetime.fromisoformat(one[k]) for k in ("applied_at", "watch_until"))
+    assert until - applied == timedelta(seconds=api.settings.promotion_watch_s)
     assert "promotion_approved" in [e["action"] for e in entries]
 
 

@@ -221,8 +221,11 @@ def run_analysis(
     notifier = notifier or Notifier(settings.webhook_url)
     verdicts = []
     for exp in experiments.list_experiments(db, status="running"):
-        verdict = analyze(db, settings, exp, now)
-        verdicts.append(_act(db, settings, exp, verdict, notifier))
+        try:
+            verdict = analyze(db, settings, exp, now)
+            verdicts.append(_act(db, settings, exp, verdict, notifier))
+        except Exception:  # e.g. stopped by hand meanwhile: one experiment never stops the rest
+            log.exception("tunewatch: analysis of experiment %s failed", exp.id)
     return verdicts
 
 
@@ -240,10 +243,11 @@ def _act(
                         analysis=v.evidence)  # fmt: skip
         return v
     if v.decision == "promote":
-        experiments.set_status(db, exp.id, "promotion_pending", v.evidence)
+        # Request first: if that fails, the experiment is still running and is judged again.
         p = promotions.request(db, exp.model, exp.challenger_version, evidence=v.evidence,
                                experiment_id=exp.id,
                                watch=timedelta(seconds=settings.promotion_watch_s))  # fmt: skip
+        experiments.set_status(db, exp.id, "promotion_pending", v.evidence)
         notifier.notify_text(f"promotion {p.id} of {exp.model}:{exp.challenger_version} "
                              f"is {p.status}: {v.reason}")  # fmt: skip
         return Verdict(v.experiment_id, v.decision, v.reason, v.evidence, p.id)

@@ -13,7 +13,7 @@ import io
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib import resources
 from typing import Annotated, Any
 
@@ -169,18 +169,13 @@ bearer = HTTPBearer(
 )
 
 
-def auth_disabled(settings: Settings) -> bool:
-    """Whether ``api_auth_disabled`` is set (:func:`check_bind` says where that is allowed)."""
-    return settings.api_auth_disabled
-
-
 def require_token(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:
     """Refuse the request unless it carries the configured bearer token."""
     settings: Settings = request.app.state.settings
-    if auth_disabled(settings):
+    if settings.api_auth_disabled:
         return
     if credentials is None:
         raise HTTPException(
@@ -201,7 +196,7 @@ def check_bind(settings: Settings, host: str) -> None:
     Raises:
         TunerError: the combination of host, token and ``api_auth_disabled`` is unsafe.
     """
-    disabled = auth_disabled(settings)
+    disabled = settings.api_auth_disabled
     if disabled and host != LOOPBACK:
         raise TunerError(
             f"api_auth_disabled is only allowed when binding {LOOPBACK}, not host {host!r}: "
@@ -270,9 +265,12 @@ def get_promotion(db: DB, promotion_id: int) -> dict[str, Any]:
     description="Makes the challenger the champion at once (the promotion becomes `applied` "
     "and a watch window starts). Decided once: a second decision gets 409.",
 )  # fmt: skip
-def approve(db: DB, promotion_id: int, decision: DecisionIn) -> dict[str, Any]:
-    """Approve and apply a promotion."""
-    return promotions.approve(db, promotion_id, by=decision.by, note=decision.note).to_dict()
+def approve(db: DB, promotion_id: int, decision: DecisionIn, request: Request) -> dict[str, Any]:
+    """Approve and apply a promotion; the watch window is the configured one."""
+    watch = timedelta(seconds=request.app.state.settings.promotion_watch_s)
+    return promotions.approve(
+        db, promotion_id, by=decision.by, note=decision.note, watch=watch
+    ).to_dict()
 
 
 @api.post(
@@ -345,7 +343,7 @@ def metrics(db: DB) -> Response:
 def page(request: Request) -> HTMLResponse:
     """The promotions page; its script and style run only with this response's nonce."""
     nonce = secrets.token_urlsafe(16)
-    auth = "off" if auth_disabled(request.app.state.settings) else "on"
+    auth = "off" if request.app.state.settings.api_auth_disabled else "on"
     html = request.app.state.page.replace("__NONCE__", nonce).replace("__AUTH__", auth)
     csp = (
         f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
@@ -497,16 +495,6 @@ def _version() -> str:
         return version("tunewatch")
     except PackageNotFoundError:
         return "0.0.0+unknown"
-
-
-def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
-    """Run the API with uvicorn on ``host:port`` (default: the api_host/api_port settings)."""
-    import uvicorn
-
-    host = host or settings.api_host
-    port = port or settings.api_port
-    check_bind(settings, host)
-    uvicorn.run(create_app(settings), host=host, port=port, proxy_headers=False)
 
 
 def server(settings: Settings, host: str | None = None, port: int | None = None) -> Any:

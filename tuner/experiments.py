@@ -17,6 +17,7 @@ from tuner.errors import Conflict, NotFound, TunerError
 from tuner.registry import verified_artifact
 
 LIVE = ("running", "promotion_pending")
+STATUSES = (*LIVE, "promoted", "rolled_back", "inconclusive", "stopped")
 
 
 @dataclass(frozen=True)
@@ -176,9 +177,14 @@ def stop(db: Database, experiment_id: int, *, by: str = "cli", reason: str = "")
     return end(db, experiment_id, "stopped", by=by, reason=reason or f"stopped by {by}")
 
 
-def set_status(db: Database, experiment_id: int, status: str, analysis: dict[str, Any]) -> None:
-    """Record the latest analysis (and a live status such as ``promotion_pending``)."""
+def set_status(db: Database, experiment_id: int, status: str, analysis: dict[str, Any]) -> bool:
+    """Record the latest analysis of a running experiment (and ``promotion_pending``).
+
+    One conditional update: an experiment stopped or decided meanwhile is left as it is
+    (returns False).
+    """
+    t = schema.Experiment
+    values = {"status": status, "analysis": analysis, "updated_at": utcnow()}
     with db.session() as s:
-        row = s.get(schema.Experiment, experiment_id)
-        if row is not None and row.status in LIVE:
-            row.status, row.analysis, row.updated_at = status, analysis, utcnow()
+        stmt = update(t).where(t.id == experiment_id, t.status == "running").values(**values)
+        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]

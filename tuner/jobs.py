@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from monitor import schema
@@ -203,13 +204,14 @@ def retune() -> dict[str, Any]:
     settings, db = context()
     done: dict[str, str] = {}
     for request in retune_requests(db, "pending"):
+        if not _claim_request(db, request.id):
+            continue  # another serve process took it since we listed them
         if request.model in done:
             mark_request(
                 db, request.id, "done", f"covered by the run for request {done[request.model]}"
             )
             continue
         done[request.model] = str(request.id)
-        mark_request(db, request.id, "running", "")
         try:
             from tuner.tuning import run_tuning
 
@@ -225,6 +227,18 @@ def retune() -> dict[str, Any]:
     return {"handled": len(done)}
 
 
+def _claim_request(db: Database, request_id: int) -> bool:
+    """Mark a pending retune request running; False if another process claimed it first."""
+    t = schema.RetuneRequest
+    with db.session() as s:
+        stmt = (
+            update(t)
+            .where(t.id == request_id, t.status == "pending")
+            .values(status="running", note="", updated_at=utcnow())
+        )
+        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
 def mark_request(db: Database, request_id: int, status: str, note: str) -> None:
     """Record what happened to a retune request."""
     with db.session() as s:
@@ -238,8 +252,10 @@ def experiment_analysis() -> dict[str, Any]:
     from tuner.analysis import run_analysis, watch_promotions
 
     settings, db = context()
-    verdicts = run_analysis(db, settings)
-    watched = watch_promotions(db, settings)
+    try:
+        verdicts = run_analysis(db, settings)
+    finally:  # the post-promotion watch runs whatever happened to the analysis
+        watched = watch_promotions(db, settings)
     return {
         "verdicts": [{"experiment_id": v.experiment_id, "decision": v.decision,
                       "reason": v.reason, "promotion_id": v.promotion_id} for v in verdicts],

@@ -25,14 +25,13 @@ from sqlalchemy.orm import Session
 from monitor import schema
 from monitor.errors import StorageError
 from monitor.storage import Database, utcnow
-from tuner.experiments import LIVE
+from tuner.experiments import STATUSES as EXPERIMENT_STATUSES
 from tuner.promotions import STATUSES as PROMOTION_STATUSES
 
 log = logging.getLogger("tunewatch.metrics")
 
 RECENT = timedelta(minutes=5)
 DROP_PREFIX = "dropped_"
-EXPERIMENT_STATUSES = (*LIVE, "promoted", "stopped")
 
 
 class DatabaseCollector(Collector):
