@@ -219,13 +219,13 @@ class DynamicBatcher:
         self._isolate = isolate_errors
         self._workers = workers
         self._closed = False
-        self._count_lock = threading.Lock()  # workers update the counters concurrently
         self._counts = {"batches": 0, "batched_items": 0, "items": 0, "errors": 0, "retried": 0}
         self._rejected = 0
         self._start()
         _LIVE.add(self)
 
     def _start(self) -> None:
+        self._count_lock = threading.Lock()  # workers update the counters concurrently
         self._cond = threading.Condition(threading.Lock())
         self._pending: deque[tuple[Any, _Sink, float]] = deque()
         self._threads = [

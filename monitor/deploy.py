@@ -117,6 +117,7 @@ class Deployment:
         self._shadow_max = shadow_queue
         self._shadow_wake = threading.Event()
         self._stop = threading.Event()
+        self._reload_lock = threading.Lock()  # one build and swap at a time; none after close
         self._state = self._build(routing(monitor.db, model))
         self.reloads = 0
         self._threads = [
@@ -160,19 +161,24 @@ class Deployment:
         challenger = shadow = None
         if r.challenger is not None and r.experiment_id is not None:
             arm = "shadow" if r.shadow else "challenger"
-            runner = self._runner(r.challenger, arm, closers)
+            # One shadow thread sends one copy at a time: a batcher would only add its
+            # max_delay_ms to every shadow call and make the challenger look slower.
+            runner = self._runner(r.challenger, arm, closers, batchable=not r.shadow)
             if r.shadow:
                 shadow = runner
             else:
                 challenger = runner
         return _State(r, champ, challenger, shadow, tuple(closers))
 
-    def _runner(self, info: VersionInfo, arm: str, closers: list[Callable[[], None]]) -> Runner:
+    def _runner(
+        self, info: VersionInfo, arm: str, closers: list[Callable[[], None]],
+        batchable: bool = True,
+    ) -> Runner:  # fmt: skip
         session = _session(info)
         names = [i.name for i in session.get_inputs()]
         wrapped = self._mon.wrap(session, name=info.model, version=info.version, arm=arm)
         batch = int(self._max_batch or info.config.get("batch_size") or 1)
-        use_batching = self._batching if self._batching is not None else batch > 1
+        use_batching = batchable and (self._batching if self._batching is not None else batch > 1)
         if not use_batching:
             return lambda feed: wrapped.run(None, _as_feed(feed, names))
         from monitor.batching import DynamicBatcher
@@ -199,17 +205,20 @@ class Deployment:
 
     def reload(self) -> bool:
         """Re-read the routing now; swap in a new state when it changed. Never raises."""
-        try:
-            fresh = routing(self._mon.db, self.model)
-            if fresh.signature == self._state.routing.signature:
+        with self._reload_lock:
+            if self._stop.is_set():
                 return False
-            new = self._build(fresh)
-        except Exception as exc:  # keep serving the current state
-            log.error("deployment %s: routing reload failed, keeping the current one: %s",
-                      self.model, exc)  # fmt: skip
-            return False
-        old, self._state = self._state, new
-        self.reloads += 1
+            try:
+                fresh = routing(self._mon.db, self.model)
+                if fresh.signature == self._state.routing.signature:
+                    return False
+                new = self._build(fresh)
+            except Exception as exc:  # keep serving the current state
+                log.error("deployment %s: routing reload failed, keeping the current one: %s",
+                          self.model, exc)  # fmt: skip
+                return False
+            old, self._state = self._state, new
+            self.reloads += 1
         log.info("deployment %s: now serving %s", self.model, _describe(fresh))
         threading.Timer(max(1.0, self.poll_s), _close_all, args=(old.closers,)).start()
         return True
@@ -220,7 +229,8 @@ class Deployment:
             self._shadow_wake.clear()
             while self._shadow_q:
                 state, feed, champion_out = self._shadow_q.popleft()
-                self._compare(state, feed, champion_out)
+                if state is self._state:  # an old generation's runners are being closed
+                    self._compare(state, feed, champion_out)
 
     def _compare(self, state: _State, feed: Any, champion_out: Any) -> None:
         assert state.shadow is not None and state.routing.experiment_id is not None
@@ -238,7 +248,8 @@ class Deployment:
         """Stop polling and shadowing; drain batchers."""
         self._stop.set()
         self._shadow_wake.set()
-        _close_all(self._state.closers)
+        with self._reload_lock:  # a reload in flight finishes first, then nothing swaps
+            _close_all(self._state.closers)
 
 
 def _close_all(closers: tuple[Callable[[], None], ...]) -> None:
@@ -280,14 +291,7 @@ def _session(info: VersionInfo) -> Any:
 
     path = verify_artifact(info)
     runtime = info.config.get("runtime") or {}
-    options = ort.SessionOptions()
-    threads = int(runtime.get("threads") or 0)
-    if threads:
-        options.intra_op_num_threads = threads
-    spinning = bool(runtime.get("spinning", False))
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    level = _GRAPH_LEVELS.get(str(runtime.get("graph_optimization", "all")), "ORT_ENABLE_ALL")
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options = session_options(runtime)
     provider = str(runtime.get("provider") or "CPUExecutionProvider")
     if provider not in ort.get_available_providers():
         log.warning("%s:%s was tuned for %s, which is not available here: using the CPU",
@@ -296,7 +300,30 @@ def _session(info: VersionInfo) -> Any:
     return ort.InferenceSession(str(path), options, providers=[provider])
 
 
-_GRAPH_LEVELS = {
+GRAPH_LEVELS = {
     "disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
     "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL",
 }  # fmt: skip
+
+
+def session_options(runtime: Mapping[str, Any]) -> Any:
+    """ORT SessionOptions from a version's ``runtime`` config, as the tuner measured them.
+
+    ``threads`` (intra-op; 0 or absent: ORT's default), ``spinning`` (off unless the search
+    proved it pays: spin-waiting threads steal cores other work needs) and
+    ``graph_optimization`` (one of :data:`GRAPH_LEVELS`). One sequential inter-op thread.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    threads = int(runtime.get("threads") or 0)
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    spinning = "1" if runtime.get("spinning", False) else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    level = GRAPH_LEVELS.get(str(runtime.get("graph_optimization", "all")), "ORT_ENABLE_ALL")
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.log_severity_level = 3
+    return options

@@ -162,6 +162,22 @@ def test_shadow_mode_records_agreement_off_the_call_path(sqlite_url: str, tmp_pa
     db.dispose()
 
 
+def test_the_shadow_copy_is_never_batched(sqlite_url: str, tmp_path: Path) -> None:
+    # One shadow thread sends one copy at a time: a batcher would add max_delay_ms to each.
+    _setup(sqlite_url, tmp_path, "light", "light", batch_size=8, max_delay_ms=50.0)
+    db = Database(sqlite_url)
+    experiments.start(db, "clf", "v2", share=1.0, shadow=True, min_samples=100)
+    with Monitor(sqlite_url) as mon:
+        dep = mon.deployment("clf", poll_s=60)
+        names = [t.name for t in threading.enumerate()]
+        assert any(n.startswith("tunewatch-clf:v1-") for n in names)  # the champion batches
+        assert not any(n.startswith("tunewatch-clf:v2-") for n in names)
+        x = RNG.normal(size=(1, IN)).astype(np.float32)
+        np.testing.assert_allclose(dep({"x": x})[0], x @ WEIGHTS, rtol=1e-4, atol=1e-4)
+        dep.close()
+    db.dispose()
+
+
 def test_sticky_keys_always_get_the_same_arm(sqlite_url: str, tmp_path: Path) -> None:
     _setup(sqlite_url, tmp_path, "light", "light")
     db = Database(sqlite_url)

@@ -14,10 +14,12 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
+from monitor.deploy import GRAPH_LEVELS
+from monitor.deploy import session_options as runtime_session_options
 from tuner.errors import ArtifactError, NotEnoughSamples, TunerError
 
 if TYPE_CHECKING:
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 Feeds = dict[str, np.ndarray]
 Exporter = Literal["auto", "torchscript", "dynamo"]
 
-GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+GRAPH_OPTIMIZATION_LEVELS = tuple(GRAPH_LEVELS)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
@@ -112,24 +114,8 @@ def cpu_count() -> int:
 
 
 def session_options(options: RuntimeOptions) -> ort.SessionOptions:
-    """Build ORT SessionOptions from :class:`RuntimeOptions`."""
-    import onnxruntime as ort
-
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = options.threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = levels[options.graph_optimization]
-    # Spin-waiting threads steal the cores other work needs; off unless the search proves it pays.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
-    so.log_severity_level = 3
-    return so
+    """Build ORT SessionOptions from :class:`RuntimeOptions`: the same ones a deployment uses."""
+    return cast("ort.SessionOptions", runtime_session_options(options.to_dict()))
 
 
 def load_session(path: Path | str, options: RuntimeOptions | None = None) -> ort.InferenceSession:
