@@ -138,11 +138,12 @@ def test_real_session_chosen_batch_meets_the_slo(tmp_path: Path) -> None:
     def run(b: int) -> object:
         return session.run(None, batches.get(b) or make_batch(feeds, b))
 
-    result = search_batch_size(run, slo_ms=0.5, max_batch_size=64, config=FAST)
-    if result.best_batch_size is None:  # a very busy machine; the reason must say so
-        assert "exceeds the SLO" in result.reason
-        return
+    # An SLO no busy machine can miss at batch 1 (a small MLP runs in microseconds).
+    result = search_batch_size(run, slo_ms=50.0, max_batch_size=64, config=FAST)
     best = result.best
-    assert best is not None and best.p95_ms <= 0.5
+    assert best is not None and best.p95_ms <= 50.0
     assert all(p.runs >= 3 and p.throughput > 0 for p in result.curve)
-    assert best.throughput == max(p.throughput for p in result.curve if p.p95_ms <= 0.5)
+    # The answer is the smallest batch within 5 % of the most throughput within the SLO.
+    top = max(p.throughput for p in result.curve if p.p95_ms <= 50.0)
+    near = [p.batch_size for p in result.curve if p.p95_ms <= 50.0 and p.throughput >= 0.95 * top]
+    assert best.batch_size == min(near)

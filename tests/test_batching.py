@@ -68,7 +68,8 @@ def test_32_concurrent_callers_each_get_their_own_row() -> None:
 
 
 def test_onnx_session_feeds_are_batched_and_outputs_split(tmp_path: object) -> None:
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
     sess = ort.InferenceSession(tiny_onnx(f"{tmp_path}/tiny.onnx"))
     rows = np.random.default_rng(0).normal(size=(24, 4)).astype(np.float32)
     feeds = [{"x": row} for row in rows]

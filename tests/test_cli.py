@@ -24,12 +24,15 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 def test_db_commands_move_between_revisions(
     capsys: pytest.CaptureFixture[str], db_url: str
 ) -> None:
-    code, out, _ = _run(capsys, "db", "current", "--json", "--database-url", db_url)
-    assert code == 0 and json.loads(out)["up_to_date"] in (True, False)
-    code, out, _ = _run(capsys, "db", "downgrade", "base", "--json", "--database-url", db_url)
-    assert code == 0 and json.loads(out)["current"] is None
     code, out, _ = _run(capsys, "db", "upgrade", "--database-url", db_url)
     assert code == 0 and "up to date" in out
+    code, out, _ = _run(capsys, "db", "current", "--json", "--database-url", db_url)
+    at_head = json.loads(out)
+    assert code == 0 and at_head["up_to_date"] is True and at_head["current"] == at_head["head"]
+    code, out, _ = _run(capsys, "db", "downgrade", "base", "--json", "--database-url", db_url)
+    assert code == 0 and json.loads(out)["current"] is None
+    code, out, _ = _run(capsys, "db", "current", "--json", "--database-url", db_url)
+    assert code == 0 and json.loads(out)["up_to_date"] is False
 
 
 def test_status_json_reports_calls_errors_and_latency(

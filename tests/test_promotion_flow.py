@@ -283,5 +283,8 @@ def test_two_processes_race_on_postgres(pg_url: str, tmp_path: Path) -> None:
     assert codes == [0, 1], results
     loser_err = next(err for code, (_out, err) in results if code == 1)
     assert "already decided" in loser_err
-    assert promotions.get(db, p.id).status in ("applied", "rejected")
+    winner = next(c for c, (code, _) in zip(cmds, results) if code == 0)
+    decided = promotions.get(db, p.id)
+    expected = {"approve": ("applied", "ana"), "reject": ("rejected", "bo")}[winner[3]]
+    assert (decided.status, decided.decided_by) == expected
     db.dispose()

@@ -167,7 +167,11 @@ def test_tune_cli_json_with_a_dataset(
     assert code == 0, capsys.readouterr().err
     out = json.loads(capsys.readouterr().out)
     assert out["data"] == f"dataset {data}"
-    assert "accuracy" in out["winner"]["accuracy"] or out["winner"]["accuracy"]
+    # The dataset's labels were used: accuracy against them, within the default 0.5 points.
+    acc = out["winner"]["accuracy"]
+    assert 0.5 < acc["accuracy"] <= 1.0 and 0.5 < acc["accuracy_champion"] <= 1.0
+    assert acc["accuracy_drop"] == pytest.approx(acc["accuracy_champion"] - acc["accuracy"])
+    assert acc["accuracy_drop"] <= 0.005
     assert {"version", "artifact", "config"} <= set(out["winner"])
 
 

@@ -70,7 +70,8 @@ def test_decorator_form_keeps_the_function_name(sqlite_url: str) -> None:
 
 
 def test_torch_module_runs_under_inference_mode(sqlite_url: str) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     seen: list[bool] = []
 
     class Net(torch.nn.Module):
@@ -104,7 +105,8 @@ def test_torch_module_runs_under_inference_mode(sqlite_url: str) -> None:
 
 
 def test_onnx_session_keeps_run_and_accepts_a_feed(tmp_path: object, sqlite_url: str) -> None:
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
     sess = ort.InferenceSession(tiny_onnx(f"{tmp_path}/tiny.onnx"))
     feed = {"x": np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)}
     expected = sess.run(None, feed)
