@@ -10,7 +10,6 @@ template service with the SQL datasource's ``interpolateVariable``, the backend'
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
@@ -21,14 +20,13 @@ import subprocess
 import sys
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import psycopg
 import pytest
 import yaml
@@ -37,8 +35,9 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.schema import CreateSchema, DropSchema
 
-from monitor import Monitor, Settings, sketch, storage
+from monitor import Settings, sketch, storage
 from tests.conftest import IN_CI, PG_ADMIN_URL, require_postgres
+from tuner.demo import seed_database
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = ROOT / "dashboards"
@@ -323,172 +322,16 @@ def connect(schema: str | None = None, **overrides: Any) -> psycopg.Connection[A
 
 @dataclass(frozen=True)
 class Seeded:
-    """A fresh schema filled by the demo or by the API flow below."""
+    """A fresh schema filled by the demo's whole flow (``tuner.demo.seed_database``)."""
 
     url: str
     schema: str
-    source: str  # "demo" or "api"
     summary: dict[str, Any]
-
-
-def demo_seeder() -> Callable[[Settings], dict[str, Any]] | None:
-    """``tuner.demo.seed_database`` when the demo provides it (TUNEWATCH_TEST_SEED=api skips)."""
-    if os.environ.get("TUNEWATCH_TEST_SEED", "") == "api":
-        return None
-    try:
-        from tuner import demo
-    except ImportError:
-        return None
-    seed = getattr(demo, "seed_database", None)
-    return seed if callable(seed) else None
-
-
-def _times(start: datetime, end: datetime, n: int) -> list[datetime]:
-    step = (end - start) / n
-    return [start + step * i for i in range(n)]
-
-
-def backfill_history(settings: Settings, now: datetime) -> None:
-    """Hours of logged traffic: a latency regression (ranker) and a drift (churn)."""
-    import pandas as pd
-
-    rng = np.random.default_rng(1)
-    with Monitor(settings=settings) as mon:
-        # Normal for two hours, then 30 % slower for the last hour.
-        for from_h, to_h, n, scale in ((3, 1, 800, 1.0), (1, 0, 400, 1.3)):
-            mon.log(
-                name="ranker", version="v1", inputs=rng.normal(size=(n, 3)),
-                latency_ms=rng.lognormal(np.log(20.0 * scale), 0.3, n),
-                timestamps=_times(now - timedelta(hours=from_h), now - timedelta(hours=to_h), n),
-            )  # fmt: skip
-        # A reference hour five hours ago, then shifted features and outputs now.
-        for start, end, shift in ((timedelta(hours=5), timedelta(hours=4), 0.0),
-                                  (timedelta(minutes=50), timedelta(0), 1.0)):  # fmt: skip
-            frame = pd.DataFrame(rng.normal(size=(400, 4)), columns=["f0", "f1", "f2", "f3"])
-            frame[["f0", "f1"]] += shift
-            frame["plan"] = rng.choice(
-                ["basic", "pro"], 400, p=[0.7 - shift * 0.4, 0.3 + shift * 0.4]
-            )
-            mon.log(name="churn", version="v1", inputs=frame,
-                    outputs=rng.normal(size=(400, 3)) + [shift, 0, 0],
-                    timestamps=_times(now - start, now - end, 400))  # fmt: skip
-
-
-def live_calls(settings: Settings) -> int:
-    """Wrapped calls now: some fail; a monitor with a one-slot queue drops telemetry."""
-    rng = np.random.default_rng(2)
-
-    def scorer(x: np.ndarray) -> np.ndarray:
-        if x[0, 0] > 1.5:
-            raise ValueError("score out of range")
-        return x.sum(axis=1)
-
-    with Monitor(settings=settings.replace(sample_rate=1.0)) as mon:
-        wrapped = mon.wrap(scorer, name="scorer", version="v1")
-        for _ in range(300):
-            with contextlib.suppress(ValueError):  # the caller sees the error, we count it
-                wrapped(rng.normal(size=(4, 3)))
-    with Monitor(settings=settings.replace(queue_size=1, sample_rate=0.0)) as tiny:
-        burst = tiny.wrap(lambda x: x, name="scorer", version="v1")
-        for i in range(3000):
-            burst(i)
-        tiny.flush()
-        return tiny.dropped
-
-
-def detect(db: Any, settings: Settings, now: datetime) -> list[str]:
-    """Drift and latency detection as the scheduler runs them."""
-    from monitor.detect import DriftDetector, LatencyDetector, run_detection
-
-    drift = settings.replace(drift_reference_rows=400)
-    events = run_detection(db, drift, model="churn", detectors=[DriftDetector(drift)], now=now)
-    events += run_detection(
-        db, settings, model="ranker", detectors=[LatencyDetector(settings)], now=now
-    )
-    return sorted(e.kind for e in events)
-
-
-def tune(db: Any, settings: Settings, workdir: Path) -> dict[str, Any]:
-    """Register a digits MLP, serve it (raw samples stored), tune it quickly."""
-    import onnxruntime as ort
-
-    from tests.tuner_fixtures import export, load_digits_split, trained_mlp
-    from tuner import registry
-    from tuner.tuning import run_tuning
-
-    digits = load_digits_split()
-    path = export(trained_mlp(digits), digits.x_calib[:4], workdir / "mlp.onnx")
-    base = registry.register("digits", path, db=db, settings=settings)
-    session = ort.InferenceSession(base.artifact_path)
-    with Monitor(settings=settings.replace(sample_rate=1.0, sample_cap_per_minute=100_000)) as m:
-        wrapped = m.wrap(session, name="digits", version=base.version)
-        for i in range(0, 200, 8):
-            wrapped.run(None, {"input": digits.x_holdout[i : i + 8]})
-    outcome = run_tuning(db, settings, "digits", slo_ms=20.0, quick=True)
-    winner = outcome.winner.version if outcome.winner else None
-    return {"tuning_run": outcome.run_id, "winner": winner, "speedup": outcome.speedup}
-
-
-def experiment_traffic(settings: Settings, n: int) -> None:
-    """``n`` keyed calls of clf through a deployment (champion and challenger arms)."""
-    from tests.serving_models import IN
-
-    rng = np.random.default_rng(3)
-    with Monitor(settings=settings) as mon:
-        dep = mon.deployment("clf", poll_s=60)
-        for i in range(n):
-            dep({"x": rng.normal(size=(1, IN)).astype(np.float32)}, key=f"user-{i}")
-
-
-def experiments(db: Any, settings: Settings, workdir: Path) -> dict[str, Any]:
-    """A promoted experiment (approved), a rolled-back one, and a pending request."""
-    from tests.serving_models import heavy_model, light_model
-    from tuner import experiments as exps
-    from tuner import promotions, registry
-    from tuner.analysis import run_analysis
-
-    for version, make in (("v1", heavy_model), ("v2", light_model), ("v3", heavy_model)):
-        path = make(workdir / f"clf-{version}.onnx")
-        registry.register("clf", path, version=version, db=db, settings=settings)
-    first = exps.start(db, "clf", "v2", share=0.5, min_samples=100, by="ana")
-    experiment_traffic(settings, 600)
-    (promote,) = run_analysis(db, settings)
-    assert promote.decision == "promote" and promote.promotion_id, promote.reason
-    promotions.approve(db, promote.promotion_id, by="ana", note="faster, same answers")
-    exps.start(db, "clf", "v3", share=0.5, min_samples=100, by="bo")
-    experiment_traffic(settings, 600)
-    (rollback,) = run_analysis(db, settings)
-    assert rollback.decision == "rollback", rollback.reason
-    return {"experiment": first.id, "evidence": promote.evidence, "rollback": rollback.reason}
-
-
-def seed_with_api(settings: Settings, workdir: Path) -> dict[str, Any]:
-    """Fill every table through tunewatch's own APIs, timestamps inside the dashboards' range."""
-    from monitor.storage import Database
-    from tuner import promotions
-
-    settings = settings.replace(experiment_min_samples=100)
-    now = datetime.now(timezone.utc)
-    backfill_history(settings, now)
-    summary: dict[str, Any] = {"dropped": live_calls(settings)}
-    db = Database(settings.database_url)
-    try:
-        summary["events"] = detect(db, settings, now)
-        summary.update(tune(db, settings, workdir))
-        summary.update(experiments(db, settings, workdir))
-        if summary["winner"]:  # a person asks to promote the tuned model: left pending
-            reason = f"tuning run {summary['tuning_run']}: x{summary['speedup']:.2f}"
-            request = promotions.request(db, "digits", summary["winner"],
-                                         evidence={"reason": reason}, by="ana")  # fmt: skip
-            summary["pending"] = request.id
-    finally:
-        db.dispose()
-    return summary
 
 
 @pytest.fixture(scope="module")
 def seeded_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
-    """A fresh PostgreSQL schema at head, seeded by the demo when it exists, else by the API."""
+    """A fresh PostgreSQL schema at head, seeded by the demo's whole flow."""
     require_postgres()
     name = f"tw_dash_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL)
@@ -501,11 +344,7 @@ def seeded_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
         engine.dispose()
         workdir = tmp_path_factory.mktemp("seed")
         settings = Settings(database_url=url, artifacts_dir=str(workdir / "artifacts"))
-        seed = demo_seeder()
-        if seed is not None:
-            yield Seeded(url, name, "demo", seed(settings))
-        else:
-            yield Seeded(url, name, "api", seed_with_api(settings, workdir))
+        yield Seeded(url, name, seed_database(settings))
     finally:
         with admin.begin() as conn:
             conn.execute(DropSchema(name, cascade=True))
@@ -522,8 +361,7 @@ def owner_runs(seeded_pg: Seeded) -> list[QueryRun]:
 
 
 # Panels whose data a real flow may not produce (nothing dropped, nothing pending, no drift):
-# with the demo's data they must have rows only when this probe finds their data. The API
-# seed produces all of it, so there every panel must have rows.
+# with the demo's data they must have rows exactly when this probe finds their data.
 DATA_PROBES = {
     "Telemetry dropped": "SELECT 1 FROM telemetry_counters WHERE starts_with(name, 'dropped_')",
     "Telemetry drops": "SELECT 1 FROM telemetry_counters WHERE starts_with(name, 'dropped_')",
@@ -538,11 +376,11 @@ DATA_PROBES = {
 }
 
 
-def expected_empty(conn: psycopg.Connection[Any], run: QueryRun, source: str) -> bool:
-    """Whether a query may return nothing: only with the demo's data, when its probe is empty."""
+def expected_empty(conn: psycopg.Connection[Any], run: QueryRun) -> bool:
+    """Whether a query may return nothing: only when its probe finds no data either."""
     title = run.where.split(" ", 1)[1].strip("'")
     probe = DATA_PROBES.get(title)
-    if source == "api" or probe is None:
+    if probe is None:
         return False
     with conn.cursor() as cur:
         return cur.execute(probe.encode()).fetchone() is None
@@ -673,9 +511,9 @@ def test_every_query_runs_and_returns_rows(seeded_pg: Seeded, owner_runs: list[Q
         empty = [
             f"{r.dashboard} / {r.where}"
             for r in owner_runs
-            if not r.has_data() and not expected_empty(conn, r, seeded_pg.source)
+            if not r.has_data() and not expected_empty(conn, r)
         ]
-    assert not empty, f"no rows although the data exists ({seeded_pg.source} seed): {empty}"
+    assert not empty, f"no rows although the data exists: {empty}"
     assert len(owner_runs) >= 30
 
 
