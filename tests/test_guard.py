@@ -113,8 +113,23 @@ def test_detect_task() -> None:
     assert detect_task(np.zeros((4, 1))) == "regression"
     assert detect_task(np.zeros(4)) == "regression"
     assert detect_task(np.zeros((4, 500)), np.zeros(4, dtype=np.int64)) == "classification"
-    assert detect_task(np.zeros((4, 3)), np.zeros(4, dtype=np.float32)) == "regression"
+    assert detect_task(np.zeros((4, 3)), np.zeros(4, dtype=np.float32)) == "classification"
+    assert detect_task(np.zeros((4, 3)), np.full((4, 3), 0.5)) == "regression"
+    assert detect_task(np.zeros((4, 1)), np.zeros(4, dtype=np.int64)) == "regression"
+    with pytest.raises(TunerError, match=r"labels of shape \(4,\) fit neither"):
+        detect_task(np.zeros((4, 3)), np.full(4, 0.5))
     assert AccuracyGuard(np.zeros((4, 10)), task="embedding").task == "embedding"
+
+
+def test_a_single_score_column_with_class_labels_is_judged_by_its_values() -> None:
+    # A binary model with one probability column: inverted answers must fail the guard.
+    rng = np.random.default_rng(3)
+    champion = rng.uniform(size=(200, 1)).astype(np.float32)
+    labels = (champion[:, 0] > 0.5).astype(np.int64)
+    guard = AccuracyGuard(champion, labels=labels)
+    assert guard.task == "regression" and guard.check(champion).passed
+    inverted = guard.check(1.0 - champion)
+    assert not inverted.passed and inverted.metrics["mae"] > inverted.metrics["mae_champion"]
 
 
 def test_result_is_json_ready() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from tests.tuner_fixtures import export, load_digits_split, trained_mlp
 from tuner import registry
 from tuner.cli import main
 from tuner.errors import ArtifactError, Conflict, NotEnoughSamples
+from tuner.onnx_tools import load_session
 from tuner.tuning import run_tuning
 
 
@@ -195,4 +197,50 @@ def test_scheduled_retune_consumes_requests_from_detection(
     with db.session() as s:
         run = s.scalars(select(schema.TuningRun)).one()
         assert run.retune_request_id == request.id and run.status == "done"
+    db.dispose()
+
+
+def test_weights_stored_beside_the_graph_are_kept_inside_the_artifact(
+    sqlite_url: str, tmp_path: Path, mlp_onnx: tuple[Path, np.ndarray]
+) -> None:
+    import onnx
+
+    split = tmp_path / "exported" / "split.onnx"
+    split.parent.mkdir()
+    onnx.save(
+        onnx.load(str(mlp_onnx[0])),
+        str(split),
+        save_as_external_data=True,
+        location="split.onnx.data",
+        size_threshold=0,
+    )
+    assert (tmp_path / "exported" / "split.onnx.data").stat().st_size > 1000
+    settings = _settings(sqlite_url, tmp_path)
+    db = Database(sqlite_url)
+    info = registry.register("split", split, db=db, settings=settings)
+    artifact = Path(info.artifact_path)
+    assert sorted(p.name for p in artifact.parent.iterdir()) == ["model.onnx"]
+    session = load_session(registry.verified_artifact(info))
+    x = mlp_onnx[1][:3].astype(np.float32)
+    want = load_session(mlp_onnx[0]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], want, rtol=1e-6)
+    db.dispose()
+
+
+def test_a_failed_registration_leaves_no_artifact_behind(
+    sqlite_url: str, tmp_path: Path, mlp_onnx: tuple[Path, np.ndarray]
+) -> None:
+    settings = _settings(sqlite_url, tmp_path)
+    db = Database(sqlite_url)
+    first = registry.register("digits", mlp_onnx[0], db=db, settings=settings)
+    shutil.rmtree(Path(first.artifact_path).parent)  # the files are gone, the row is not
+    with pytest.raises(Conflict):
+        registry.register("digits", mlp_onnx[0], version="v1", db=db, settings=settings)
+    assert not Path(first.artifact_path).parent.exists()
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(ArtifactError, match="not a valid ONNX model"):
+        registry.register("digits", broken, version="v2", db=db, settings=settings)
+    second = registry.register("digits", mlp_onnx[0], version="v2", db=db, settings=settings)
+    assert Path(second.artifact_path).is_file()
     db.dispose()

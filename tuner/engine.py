@@ -420,7 +420,8 @@ class _Search:
     def _smart(self, entries: list[_Entry]) -> None:
         """Screen all, retry promising failures, then tune runtime and batch for finalists."""
         measurable = [e for e in entries if e.built and not e.duplicate_of and not e.error]
-        self._choose_screen_batch(measurable)
+        # The baseline that picks the screening batch must itself have passed the guard.
+        self._choose_screen_batch([e for e in measurable if e.passed] or measurable)
         screened = [e for e in measurable if e.passed or _retryable(e)]
         self._screen(screened)
         entries += self._retry_promising(screened)
@@ -522,8 +523,8 @@ class _Search:
         assert entry.screen is not None
         one = (_default_options(entry), entry.screen)
         wide = entry.screen_wide
-        if wide is not None and self._score(wide[1]) > self._score(one[1]):
-            return wide
+        if wide is not None and _better(self._score(wide[1]), self._score(one[1]), MIN_GAIN):
+            return wide  # more threads (and spinning) only for a real gain, not for noise
         return one
 
     def _retry_promising(self, screened: list[_Entry]) -> list[_Entry]:

@@ -59,15 +59,29 @@ class GuardResult:
 
 
 def detect_task(champion_output: np.ndarray, labels: np.ndarray | None = None) -> Task:
-    """Guess the task from the champion's output shape and the labels' dtype."""
+    """Guess the task from the champion's output shape, then the labels.
+
+    One value per row is regression whatever the labels (an argmax over one column would
+    agree with anything). Several columns with one whole-number label per row are class
+    scores; labels shaped like the output are a multi-output regression.
+
+    Raises:
+        TunerError: labels that fit neither reading of the output's shape.
+    """
     out = np.asarray(champion_output)
-    if labels is not None:
-        if np.issubdtype(np.asarray(labels).dtype, np.integer) and out.ndim == 2:
-            return "classification"
-        if np.issubdtype(np.asarray(labels).dtype, np.floating):
-            return "regression"
     if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
         return "regression"
+    if labels is not None:
+        lab = np.asarray(labels)
+        whole = np.issubdtype(lab.dtype, np.integer) or bool(np.all(np.mod(lab, 1) == 0))
+        if lab.ndim == 1 and out.ndim == 2 and whole:
+            return "classification"
+        if lab.shape == out.shape:
+            return "regression"
+        raise TunerError(
+            f"labels of shape {lab.shape} fit neither class scores nor a regression of outputs "
+            f"shaped {out.shape}: pass one class index per row or one target per output value"
+        )
     if out.ndim == 2 and out.shape[1] <= MAX_AUTO_CLASSES:
         return "classification"
     return "embedding"

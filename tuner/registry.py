@@ -103,19 +103,28 @@ def _register(
     _check_name("version", version)
     if status is not None and status not in STATUSES:
         raise TunerError(f"status {status!r} is not one of {STATUSES}")
+    if torch_module is None and onnx is None:
+        raise TunerError("register needs an ONNX file (--onnx PATH) or a torch module")
     target = Path(settings.artifacts_dir).resolve() / name / version
-    if (target / "model.onnx").exists():
-        raise Conflict(f"model {name!r} version {version!r} already has an artifact at {target}")
-    target.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir()  # exclusive: of two registrations of one version, one gets here
+    except FileExistsError:
+        raise Conflict(
+            f"model {name!r} version {version!r} already has an artifact directory at {target}"
+        ) from None
     artifact = target / "model.onnx"
     config = dict(config)
-    if torch_module is not None:
-        config.update(_store_torch(torch_module, example_input, target))
-    elif onnx is not None:
-        _copy_onnx(Path(onnx), artifact)
-    else:
-        raise TunerError("register needs an ONNX file (--onnx PATH) or a torch module")
-    return _insert(db, name, version, artifact, parent, config, metrics, status, task, policy)
+    try:
+        if torch_module is not None:
+            config.update(_store_torch(torch_module, example_input, target))
+        else:
+            _copy_onnx(Path(onnx), artifact)  # type: ignore[arg-type]
+        return _insert(db, name, version, artifact, parent, config, metrics, status, task, policy)
+    except BaseException:
+        # Nothing registered: leave no artifact behind to block this version for good.
+        shutil.rmtree(target, ignore_errors=True)
+        raise
 
 
 def _copy_onnx(source: Path, artifact: Path) -> None:
@@ -125,12 +134,14 @@ def _copy_onnx(source: Path, artifact: Path) -> None:
         raise ArtifactError(f"ONNX file {str(source)!r} does not exist")
     try:
         onnx.checker.check_model(str(source))
+        # Weights stored beside the graph (external data) are pulled in and saved inside the
+        # one artifact file, so its sha256 covers them and nothing points at the old name.
+        proto = onnx.load(str(source))
+        onnx.save(proto, str(artifact))
     except Exception as exc:
-        raise ArtifactError(f"{str(source)!r} is not a valid ONNX model: {exc}") from None
-    shutil.copyfile(source, artifact)
-    data = source.with_name(source.name + ".data")
-    if data.exists():  # weights stored beside the graph by the dynamo exporter
-        shutil.copyfile(data, artifact.with_name(artifact.name + ".data"))
+        raise ArtifactError(
+            f"{str(source)!r} is not a valid ONNX model that fits in one file (< 2 GB): {exc}"
+        ) from None
 
 
 def _store_torch(module: Any, example_input: Any, target: Path) -> dict[str, Any]:
