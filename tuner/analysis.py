@@ -80,27 +80,21 @@ def analyze(
     db: Database, settings: Settings, exp: ExperimentInfo, now: datetime | None = None
 ) -> Verdict:
     """Look at one live experiment (no side effects)."""
-    from monitor.sequential import ErrorRateTest
     from monitor.stats import compare_latencies
 
     now = now or utcnow()
     champ = arm_stats(db, exp.model, exp.champion_version, "champion", exp.started_at, now)
     chall = arm_stats(db, exp.model, exp.challenger_version, challenger_arm(exp),
                       exp.started_at, now)  # fmt: skip
+    slower, errors = guardrails(champ, chall, settings, exp.min_samples)
+    # Improvement: faster with the whole interval beyond the improvement margin (0 by
+    # default: significantly faster).
     cv, cw = sketch.expand(champ["_hist"])
     xv, xw = sketch.expand(chall["_hist"])
-    tol = settings.experiment_latency_tolerance
-    gate: dict[str, Any] = {"alpha": settings.experiment_alpha, "min_samples": exp.min_samples}
-    # Guardrail: slower beyond the tolerance. Improvement: faster with the whole interval
-    # beyond the improvement margin (0 by default: significantly faster).
-    slower = compare_latencies(cv, xv, baseline_weights=cw, recent_weights=xw, tolerance=tol,
-                               **gate)  # fmt: skip
-    margin = settings.experiment_improvement_margin
-    faster = compare_latencies(xv, cv, baseline_weights=xw, recent_weights=cw, tolerance=margin,
-                               **gate)  # fmt: skip
-    errors = ErrorRateTest(alpha=settings.experiment_alpha, min_samples=exp.min_samples).update(
-        champ["calls"], champ["errors"], chall["calls"], chall["errors"]
-    )
+    faster = compare_latencies(xv, cv, baseline_weights=xw, recent_weights=cw,
+                               tolerance=settings.experiment_improvement_margin,
+                               alpha=settings.experiment_alpha,
+                               min_samples=exp.min_samples)  # fmt: skip
     agreement = _agreement(db, settings, exp, now)
     evidence = {
         "arms": {"champion": _public(champ), "challenger": _public(chall)},
@@ -112,6 +106,28 @@ def analyze(
     decision, reason = _decide(exp, settings, slower, faster, errors, agreement, champ, chall, now)
     evidence.update(decision=decision, reason=reason)
     return Verdict(exp.id, decision, reason, evidence)
+
+
+def guardrails(
+    base: dict[str, Any], new: dict[str, Any], settings: Settings, min_samples: int
+) -> tuple[Any, Any]:
+    """Latency (slower beyond the tolerance?) and error-rate (higher?) tests of ``new``.
+
+    The same guardrails judge a live experiment and a promotion's watch window.
+    """
+    from monitor.sequential import ErrorRateTest
+    from monitor.stats import compare_latencies
+
+    bv, bw = sketch.expand(base["_hist"])
+    nv, nw = sketch.expand(new["_hist"])
+    slower = compare_latencies(bv, nv, baseline_weights=bw, recent_weights=nw,
+                               tolerance=settings.experiment_latency_tolerance,
+                               alpha=settings.experiment_alpha,
+                               min_samples=min_samples)  # fmt: skip
+    errors = ErrorRateTest(alpha=settings.experiment_alpha, min_samples=min_samples).update(
+        base["calls"], base["errors"], new["calls"], new["errors"]
+    )
+    return slower, errors
 
 
 def _decide(
@@ -273,9 +289,6 @@ def watch_promotions(
     now: datetime | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Roll back applied promotions whose new champion regressed inside the watch window."""
-    from monitor.sequential import ErrorRateTest
-    from monitor.stats import compare_latencies
-
     notifier = notifier or Notifier(settings.webhook_url)
     now = now or utcnow()
     out = []
@@ -285,13 +298,7 @@ def watch_promotions(
         after = arm_stats(db, p.model, p.to_version, "champion", p.applied_at, now)
         before = arm_stats(db, p.model, p.from_version, "champion", p.applied_at - span,
                            p.applied_at)  # fmt: skip
-        bv, bw = sketch.expand(before["_hist"])
-        av, aw = sketch.expand(after["_hist"])
-        lat = compare_latencies(bv, av, baseline_weights=bw, recent_weights=aw,
-                                tolerance=settings.experiment_latency_tolerance,
-                                min_samples=settings.experiment_min_samples)  # fmt: skip
-        err = ErrorRateTest(min_samples=settings.experiment_min_samples).update(
-            before["calls"], before["errors"], after["calls"], after["errors"])  # fmt: skip
+        lat, err = guardrails(before, after, settings, settings.experiment_min_samples)
         reason = ""
         if lat.regressed:
             reason = f"after promotion the new champion regressed: {lat.reason}"

@@ -350,7 +350,10 @@ class _Search:
         assert entry.built is not None
         try:
             ranked = rank_damaged_nodes(
-                self.ctx.preprocessed, entry.built.path, self.holdout, self.ctx.workdir / "debug"
+                self.ctx.preprocessed,
+                entry.built.path,
+                self.ctx.calibration,
+                self.ctx.workdir / "debug",  # chosen on calibration rows, judged on held-out ones
             )
         except Exception as exc:  # the debug tools raise many unrelated types
             entry.note = f"accuracy debug failed: {type(exc).__name__}: {exc}"
