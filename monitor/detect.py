@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from monitor import schema, sketch
 from monitor.errors import ConfigError
-from monitor.events import EventRecord, Finding, Notifier, apply_finding
+from monitor.events import EventRecord, Finding, Notifier, apply_finding, condition_key
 from monitor.settings import Settings
 from monitor.storage import (
     Database,
@@ -105,7 +105,7 @@ class LatencyDetector(Detector):
     ) -> Finding | None:  # fmt: skip
         from monitor.stats import compare_latencies
 
-        condition = "|".join(("latency_regression", model, version, arm))
+        condition = condition_key("latency_regression", model, version, arm)
         b_start, b_end = self.baseline_window(db, condition, recent_start, live_since)
         base, recent, source = self._latencies(db, model, version, arm, (b_start, b_end),
                                                (recent_start, now))  # fmt: skip
@@ -216,7 +216,6 @@ def compare_windows(
     db: Database, settings: Settings, model: str, version: str,
     reference: list[SampleRow], current: list[SampleRow],
     windows: tuple[Span, Span],
-    *, store: bool = True, event_ids: dict[str, int] | None = None,
 ) -> list[DriftComparison]:  # fmt: skip
     """Data drift (inputs) and prediction drift (outputs) of two sample sets; stored."""
     from monitor.drift import compute_drift
@@ -231,9 +230,7 @@ def compare_windows(
             alpha=settings.drift_alpha, correction=settings.drift_correction,
         )  # fmt: skip
         comp = DriftComparison(model, version, target, result, windows[0], windows[1])
-        if store:
-            comp = _store_report(db, comp)
-        out.append(comp)
+        out.append(_store_report(db, comp))
     return out
 
 
@@ -329,7 +326,7 @@ def _drift_finding(comp: DriftComparison) -> Finding | None:
         else f"{comp.model}:{comp.version} {comp.target}: no drift"
     )
     severity = "critical" if r.share_drifted >= 0.5 else "warning"
-    details = {**comp.to_dict(), "report_id": comp.report_id}
+    details = comp.to_dict()  # with its report_id: the event links to the stored report
     return Finding(kind, comp.model, comp.version, "", r.drift_detected, severity, summary, details)
 
 

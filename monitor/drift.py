@@ -28,8 +28,9 @@ import pandas as pd
 from scipy import stats
 
 from monitor.errors import ConfigError
+from monitor.settings import DRIFT_CORRECTIONS
 
-CORRECTIONS = ("fdr_bh", "bonferroni", "none")
+CORRECTIONS = DRIFT_CORRECTIONS
 NUMERIC_METHOD = "ks"
 CATEGORICAL_METHOD = "chi2_homogeneity"
 RARE_CATEGORY_COUNT = 10  # categories rarer than this (both windows together) are pooled

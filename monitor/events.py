@@ -50,7 +50,12 @@ class Finding:
     @property
     def condition(self) -> str:
         """The condition's identity: one open event per condition."""
-        return "|".join((self.kind, self.model, self.version, self.arm))
+        return condition_key(self.kind, self.model, self.version, self.arm)
+
+
+def condition_key(kind: str, model: str, version: str, arm: str) -> str:
+    """The identity of a condition (an event kind on one model, version and arm)."""
+    return "|".join((kind, model, version, arm))
 
 
 @dataclass(frozen=True)

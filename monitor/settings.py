@@ -19,6 +19,7 @@ else:  # pragma: no cover - exercised only on 3.10
 
 ENV_PREFIX = "TUNEWATCH_"
 DEFAULT_DATABASE_URL = "sqlite:///tunewatch.db"
+DRIFT_CORRECTIONS = ("fdr_bh", "bonferroni", "none")  # monitor.drift implements them
 
 
 def _rate(name: str, value: float) -> None:
@@ -120,10 +121,10 @@ class Settings:
                 raise ConfigError(f"setting {name}={getattr(self, name)!r} must be 0 or more")
         if self.retry_max_backoff_s < 0:
             raise ConfigError(f"setting retry_max_backoff_s={self.retry_max_backoff_s!r} < 0")
-        if self.drift_correction not in ("fdr_bh", "bonferroni", "none"):
+        if self.drift_correction not in DRIFT_CORRECTIONS:
             raise ConfigError(
                 f"setting drift_correction={self.drift_correction!r} must be one of "
-                "'fdr_bh', 'bonferroni', 'none'"
+                f"{', '.join(map(repr, DRIFT_CORRECTIONS))}"
             )
         for name in ("latency_tolerance", "experiment_latency_tolerance",
                      "experiment_improvement_margin"):  # fmt: skip

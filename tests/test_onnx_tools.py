@@ -109,7 +109,7 @@ def test_bad_runtime_options_and_missing_files_are_explained(tmp_path: Path) -> 
 def test_sha256_matches_hashlib(tmp_path: Path) -> None:
     path = tmp_path / "blob"
     path.write_bytes(b"x" * 3_000_000)
-    assert sha256_file(path, chunk_size=1 << 16) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_feeds_are_checked_and_typed(mlp: MLP, digits: Digits, tmp_path: Path) -> None:

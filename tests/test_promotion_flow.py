@@ -233,6 +233,24 @@ def test_an_invalid_batch_worker_count_names_the_value(sqlite_url: str, tmp_path
         mon.deployment("clf", batch_workers=0)
 
 
+def test_approving_a_promotion_whose_champion_changed_is_a_conflict(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    settings = _setup(sqlite_url, tmp_path, "light", "heavy")
+    db = Database(sqlite_url)
+    registry.register("clf", light_model(tmp_path / "v3.onnx"), db=db, settings=settings)
+    first = promotions.request(db, "clf", "v2", evidence={})
+    promotions.approve(db, first.id, by="ana")
+    stale = promotions.request(db, "clf", "v3", evidence={})  # would replace v2
+    promotions.rollback(db, first.id, reason="slower after promotion")  # v1 serves again
+    with pytest.raises(Conflict, match="the champion is now v1"):
+        promotions.approve(db, stale.id, by="ana")
+    assert promotions.get(db, stale.id).status == "pending"  # nothing half-applied
+    assert champion(db, "clf").version == "v1"
+    assert promotions.reject(db, stale.id, by="ana").status == "rejected"
+    db.dispose()
+
+
 def test_concurrent_decisions_give_exactly_one(db_url: str, tmp_path: Path) -> None:
     _setup(db_url, tmp_path, "light", "heavy")
     db = Database(db_url)

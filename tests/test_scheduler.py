@@ -55,7 +55,10 @@ def test_two_serve_processes_never_run_the_same_slot_twice(pg_url: str, tmp_path
     log = tmp_path / "runs.txt"
     extra = "record=tests.jobs_for_tests:record_slot@1;broken=tests.jobs_for_tests:broken@1"
     procs = [_serve(pg_url, log, extra) for _ in range(2)]
-    time.sleep(8)
+    deadline = time.time() + 60  # slow start-ups on a busy machine: wait for the runs
+    while time.time() < deadline and not (log.exists() and len(log.read_text().split()) >= 12):
+        time.sleep(0.2)
+    time.sleep(2)  # both processes running side by side for a while
     for p in procs:
         p.send_signal(signal.SIGTERM)
     outputs = [p.communicate(timeout=30)[0] for p in procs]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -73,13 +74,9 @@ def cmd_db(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """``tunewatch status``: per model and version over a window."""
     from monitor.status import summarize
-    from monitor.storage import Database
 
-    db = Database(settings_from(args).database_url)
-    try:
+    with _database(args) as (_settings, db):
         status = summarize(db, window=args.window, model=args.model)
-    finally:
-        db.dispose()
     if args.json:
         print_json(status.to_dict())
         return 0
@@ -113,22 +110,25 @@ def _ms(value: float | None) -> str:
 # --- detection -------------------------------------------------------------------------
 
 
-def _database(args: argparse.Namespace) -> tuple[Settings, Any]:
+@contextlib.contextmanager
+def _database(args: argparse.Namespace) -> Iterator[tuple[Settings, Any]]:
+    """The command's settings and an open database, disposed when the command is done."""
     from monitor.storage import Database
 
     settings = settings_from(args)
-    return settings, Database(settings.database_url)
+    db = Database(settings.database_url)
+    try:
+        yield settings, db
+    finally:
+        db.dispose()
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
     """``tunewatch detect``: run every detector once now."""
     from monitor.detect import run_detection
 
-    settings, db = _database(args)
-    try:
+    with _database(args) as (settings, db):
         events = run_detection(db, settings, model=args.model)
-    finally:
-        db.dispose()
     if args.json:
         print_json({"events": [e.to_dict() for e in events]})
     elif not events:
@@ -145,8 +145,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
     from monitor.errors import NotFound
     from monitor.storage import read_samples, versions_seen
 
-    settings, db = _database(args)
-    try:
+    with _database(args) as (settings, db):
         version = args.version
         if version is None:
             seen = versions_seen(db, args.name)
@@ -161,8 +160,6 @@ def cmd_drift(args: argparse.Namespace) -> int:
         reference = read_samples(db, args.name, version, start=ref[0], end=ref[1], limit=limit)
         current = read_samples(db, args.name, version, start=cur[0], end=cur[1], limit=limit)
         comps = compare_windows(db, settings, args.name, version, reference, current, (ref, cur))
-    finally:
-        db.dispose()
     inputs = comps[0].to_dict()
     if len(comps) > 1:
         inputs["outputs"] = comps[1].to_dict()
@@ -202,8 +199,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     """``tunewatch events [ack ID]``: list events or acknowledge one."""
     from monitor.events import acknowledge, list_events
 
-    _settings, db = _database(args)
-    try:
+    with _database(args) as (_settings, db):
         if args.action == "ack":
             if args.id is None:
                 raise argparse.ArgumentTypeError("events ack needs an event ID")
@@ -211,8 +207,6 @@ def cmd_events(args: argparse.Namespace) -> int:
             events = [event]
         else:
             events = list_events(db, model=args.model, status=args.status)
-    finally:
-        db.dispose()
     if args.json:
         print_json({"events": [e.to_dict() for e in events]})
         return 0
@@ -231,11 +225,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     """``tunewatch register NAME --onnx PATH``."""
     from tuner.registry import register
 
-    settings, db = _database(args)
-    try:
+    with _database(args) as (settings, db):
         info = register(args.name, args.onnx, version=args.version, db=db, settings=settings)
-    finally:
-        db.dispose()
     if args.json:
         print_json(info.to_dict())
     else:
@@ -247,11 +238,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     """``tunewatch models``: registered versions with artifacts and status."""
     from monitor.registry import list_versions
 
-    _settings, db = _database(args)
-    try:
+    with _database(args) as (_settings, db):
         versions = list_versions(db, args.name)
-    finally:
-        db.dispose()
     if args.json:
         print_json({"models": [v.to_dict() for v in versions]})
         return 0
@@ -267,15 +255,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """``tunewatch tune NAME``: rebuild fast variants, guard them, search batch sizes."""
     from tuner.tuning import run_tuning
 
-    settings, db = _database(args)
-    try:
-        with _progress(enabled=not args.json) as progress:
-            outcome = run_tuning(
-                db, settings, args.name, slo_ms=args.slo_ms, objective=args.objective,
-                dataset=args.dataset, progress=progress, quick=args.quick,
-            )  # fmt: skip
-    finally:
-        db.dispose()
+    with _database(args) as (settings, db), _progress(enabled=not args.json) as progress:
+        outcome = run_tuning(
+            db, settings, args.name, slo_ms=args.slo_ms, objective=args.objective,
+            dataset=args.dataset, progress=progress, quick=args.quick,
+        )  # fmt: skip
     if args.json:
         print_json(outcome.to_dict())
         return 0
@@ -338,8 +322,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     """``tunewatch experiment start NAME --candidate V`` / ``experiment stop ID``."""
     from tuner import experiments
 
-    settings, db = _database(args)
-    try:
+    with _database(args) as (settings, db):
         if args.action == "start":
             exp = experiments.start(
                 db, args.target, args.candidate, share=args.share, shadow=args.shadow,
@@ -350,8 +333,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             )  # fmt: skip
         else:
             exp = experiments.stop(db, _int_id(args.target), by=args.by or "cli")
-    finally:
-        db.dispose()
     if args.json:
         print_json(exp.to_dict())
     else:
@@ -372,11 +353,8 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     """``tunewatch experiments``."""
     from tuner.experiments import list_experiments
 
-    _settings, db = _database(args)
-    try:
+    with _database(args) as (_settings, db):
         rows = list_experiments(db, args.model, args.status)
-    finally:
-        db.dispose()
     if args.json:
         print_json({"experiments": [e.to_dict() for e in rows]})
         return 0
@@ -393,11 +371,8 @@ def cmd_promotions(args: argparse.Namespace) -> int:
     """``tunewatch promotions``."""
     from tuner.promotions import list_promotions
 
-    _settings, db = _database(args)
-    try:
+    with _database(args) as (_settings, db):
         rows = list_promotions(db, model=args.model, status=args.status)
-    finally:
-        db.dispose()
     if args.json:
         print_json({"promotions": [p.to_dict() for p in rows]})
         return 0
@@ -416,15 +391,12 @@ def cmd_decide(args: argparse.Namespace) -> int:
     """``tunewatch approve ID --by NAME`` / ``tunewatch reject ID --by NAME``."""
     from tuner import promotions
 
-    settings, db = _database(args)
-    try:
+    with _database(args) as (settings, db):
         if args.command == "approve":
             p = promotions.approve(db, args.id, by=args.by, note=args.note or "",
                                    watch=timedelta(seconds=settings.promotion_watch_s))  # fmt: skip
         else:
             p = promotions.reject(db, args.id, by=args.by, note=args.note or "")
-    finally:
-        db.dispose()
     if args.json:
         print_json(p.to_dict())
     else:
@@ -437,14 +409,11 @@ def cmd_policy(args: argparse.Namespace) -> int:
     """``tunewatch policy NAME``: show or set a model's automation policy."""
     from tuner.registry import set_policy
 
-    _settings, db = _database(args)
-    try:
+    with _database(args) as (_settings, db):
         changes = {k: v for k, v in (("auto_experiment", args.auto_experiment),
                    ("auto_approve", args.auto_approve), ("share", args.share),
                    ("shadow", args.shadow)) if v is not None}  # fmt: skip
         policy = set_policy(db, args.name, changes, by=args.by or "cli")
-    finally:
-        db.dispose()
     if args.json:
         print_json({"model": args.name, "policy": policy})
     else:

@@ -6,7 +6,6 @@ torch and onnxruntime load on first use so that ``import tuner`` stays fast.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import io
 import os
@@ -20,6 +19,7 @@ import numpy as np
 
 from monitor.deploy import GRAPH_LEVELS
 from monitor.deploy import session_options as runtime_session_options
+from monitor.registry import file_sha256
 from tuner.errors import ArtifactError, NotEnoughSamples, TunerError
 
 if TYPE_CHECKING:
@@ -93,16 +93,16 @@ class RuntimeOptions:
         return asdict(self)
 
 
-def sha256_file(path: Path | str, chunk_size: int = 1 << 20) -> str:
-    """Return the hex sha256 of a file, read in chunks so large models use little memory."""
-    digest = hashlib.sha256()
+def sha256_file(path: Path | str) -> str:
+    """Return the hex sha256 of a file (:func:`monitor.registry.file_sha256`, streamed).
+
+    Raises:
+        ArtifactError: the file does not exist.
+    """
     try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(chunk_size):
-                digest.update(chunk)
+        return file_sha256(path)
     except FileNotFoundError as exc:
         raise ArtifactError(f"artifact {str(path)!r} does not exist; rebuild it") from exc
-    return digest.hexdigest()
 
 
 def cpu_count() -> int:

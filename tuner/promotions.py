@@ -211,6 +211,13 @@ def _decide(s: Session, promotion_id: int, status: str, by: str, note: str, now:
 
 
 def _apply(s: Session, p: PromotionInfo, now: datetime, watch: timedelta) -> None:
+    t = schema.ModelVersion
+    current = s.scalars(select(t.version).where(t.model == p.model, t.status == "champion")).first()
+    if current != p.from_version:  # e.g. an earlier promotion was rolled back meanwhile
+        raise Conflict(
+            f"promotion {p.id} would replace {p.model}:{p.from_version}, but the champion is "
+            f"now {current}: reject it and let a new experiment judge {p.to_version}"
+        )
     _set_version(s, p.model, p.from_version, "retired", now)  # first: one champion at a time
     _set_version(s, p.model, p.to_version, "champion", now)
     _end_experiment(s, p.experiment_id, "promoted", f"{p.to_version} promoted", now)
