@@ -31,13 +31,21 @@ class VersionInfo:
     status: str
     metrics: dict[str, Any]
     created_at: datetime
+    # The version a user registered and this one derives from (itself when registered).
+    source_version: str | None = None
+
+    @property
+    def source(self) -> str:
+        """The source version's name (this version's own name for a registered version)."""
+        return self.source_version or self.version
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON form (``artifact`` is the artifact's path)."""
         return {
             "model": self.model, "version": self.version, "format": self.format,
             "artifact": self.artifact_path, "sha256": self.sha256,
-            "parent_version": self.parent_version, "config": self.config,
+            "parent_version": self.parent_version, "source_version": self.source,
+            "config": self.config,
             "status": self.status, "metrics": self.metrics,
             "created_at": self.created_at.isoformat(),
         }  # fmt: skip
@@ -48,6 +56,7 @@ def version_info(row: schema.ModelVersion) -> VersionInfo:
     return VersionInfo(
         row.model, row.version, row.format, row.artifact_path, row.sha256, row.parent_version,
         dict(row.config), row.status, dict(row.metrics), as_utc(row.created_at),
+        row.source_version,
     )  # fmt: skip
 
 
@@ -75,6 +84,13 @@ def get_version(db: Database, model: str, version: str) -> VersionInfo:
                 f"model {model!r} has no registered version {version!r}: see `tunewatch models`"
             )
         return version_info(row)
+
+
+def source_of(db: Database, info: VersionInfo) -> VersionInfo:
+    """The registered version that ``info`` derives from (``info`` itself when registered)."""
+    if info.source == info.version:
+        return info
+    return get_version(db, info.model, info.source)
 
 
 def champion(db: Database, model: str) -> VersionInfo:

@@ -138,6 +138,8 @@ class Sample(Base):
     features: Mapped[dict[str, Any]]
     outputs: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     raw: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # Size of ``raw`` in bytes, so the per-version raw reservoir is bounded without reading it.
+    raw_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class TelemetryCounter(Base):
@@ -320,6 +322,8 @@ class ModelVersion(Base):
     artifact_path: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
     parent_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # The version a user registered, from which this one derives (itself for a registered one).
+    source_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
     config: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(20))
     metrics: Mapped[dict[str, Any]]
@@ -348,6 +352,8 @@ class TuningRun(Base):
     report_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     plot_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     retune_request_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # "registered" (a winner beat the incumbent) or "no_change"; NULL while running or failed.
+    outcome: Mapped[str | None] = mapped_column(String(20), nullable=True)
     summary: Mapped[dict[str, Any]]
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
@@ -480,3 +486,32 @@ class AuditEntry(Base):
     model: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(Text, default="")
     details: Mapped[dict[str, Any]]
+
+
+# --- fidelity to the source (migration 0005) ---------------------------------------------
+
+
+class FidelityCheck(Base):
+    """One paired replay of stored inputs through a served version and through its source."""
+
+    __tablename__ = "fidelity_checks"
+    __table_args__ = (Index("ix_fidelity_checks_lookup", "model", "version", "ts"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    ts: Mapped[datetime]
+    model: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(200))
+    source_version: Mapped[str] = mapped_column(String(200))
+    arm: Mapped[str] = mapped_column(String(100), default="champion")
+    experiment_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    window_start: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    window_end: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    task: Mapped[str] = mapped_column(String(40))
+    # The guard's metrics (e.g. top1_agreement, cosine_mean, abs_err_max) and its tolerance.
+    metrics: Mapped[dict[str, Any]]
+    tolerance: Mapped[dict[str, Any]]
+    passed: Mapped[bool]
+    status: Mapped[str] = mapped_column(String(30))
+    message: Mapped[str] = mapped_column(Text, default="")
+    event_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

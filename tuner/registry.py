@@ -163,6 +163,20 @@ def _store_torch(module: Any, example_input: Any, target: Path) -> dict[str, Any
     }
 
 
+def _source_version(s: Any, name: str, version: str, parent: str | None) -> str:
+    """A derived version shares its parent's source; a registered one is its own source."""
+    if parent is None:
+        return version
+    mv = schema.ModelVersion
+    row = s.scalars(select(mv).where(mv.model == name, mv.version == parent)).first()
+    if row is None:
+        raise TunerError(
+            f"parent version {parent!r} of {name}:{version} is not registered: see "
+            "`tunewatch models`"
+        )
+    return str(row.source_version or row.version)
+
+
 def _next_version(db: Database, name: str) -> str:
     t = schema.ModelVersion
     with db.session() as s:
@@ -191,7 +205,8 @@ def _insert(
             ).first()
             row = schema.ModelVersion(
                 model=name, version=version, format="onnx", artifact_path=str(artifact),
-                sha256=sha256_of(artifact), parent_version=parent, config=config,
+                sha256=sha256_of(artifact), parent_version=parent,
+                source_version=_source_version(s, name, version, parent), config=config,
                 status=status or ("candidate" if has_champion else "champion"),
                 metrics=metrics, created_at=now, updated_at=now,
             )  # fmt: skip
