@@ -4,15 +4,23 @@ A :class:`Deployment` holds an immutable routing state. A poller thread reloads 
 the database every ``poll_s`` seconds and, when it changed, builds the new state (sessions,
 batchers) off the call path and swaps it in with one assignment: no call fails or waits during
 a swap, and a promotion takes effect without restarting the serving process.
+
+A deployment created before a fork (``gunicorn --preload``) keeps working in every child: ONNX
+Runtime sessions and threads do not survive a fork, so the first call in the child sees that
+its state belongs to another process and builds its own sessions, poller and shadow thread
+(lazily, on the call path's slow branch; building them in an at-fork hook hung).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import threading
+import weakref
 import zlib
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from random import random
 from time import perf_counter_ns
@@ -21,13 +29,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from monitor.errors import ConfigError
-from monitor.registry import Routing, VersionInfo, routing, verify_artifact
+from monitor.registry import Routing, VersionInfo, read_verified, routing
 
 if TYPE_CHECKING:
     from monitor.core import Monitor
 
 log = logging.getLogger("tunewatch.deploy")
 Runner = Callable[[Any], Any]
+AsyncRunner = Callable[[Any], Awaitable[Any]]
+# This process's id, kept current by a fork hook that only assigns it (one list read per call).
+_PID = [os.getpid()]
 
 
 def unit_interval(key: str | bytes | int) -> float:
@@ -41,14 +52,23 @@ def unit_interval(key: str | bytes | int) -> float:
 
 
 @dataclass(frozen=True)
+class _Arm:
+    """One arm's model: ``call`` blocks the caller, ``acall`` leaves the event loop free."""
+
+    call: Runner
+    acall: AsyncRunner
+
+
+@dataclass(frozen=True)
 class _State:
-    """One routing generation: what to call for each arm."""
+    """One routing generation of one process: what to call for each arm."""
 
     routing: Routing
-    champion: Runner
-    challenger: Runner | None
-    shadow: Runner | None
+    champion: _Arm
+    challenger: _Arm | None
+    shadow: _Arm | None
     closers: tuple[Callable[[], None], ...]
+    pid: int
 
 
 def agreement(a: Any, b: Any) -> tuple[bool, float]:
@@ -120,9 +140,14 @@ class Deployment:
         self._reload_lock = threading.Lock()  # one build and swap at a time; none after close
         self._state = self._build(routing(monitor.db, model))
         self.reloads = 0
+        self._start_threads()
+        _LIVE.add(self)
+
+    def _start_threads(self) -> None:
         self._threads = [
-            threading.Thread(target=self._poll, name=f"tunewatch-poll-{model}", daemon=True),
-            threading.Thread(target=self._shadow_loop, name=f"tunewatch-shadow-{model}",
+            threading.Thread(target=self._poll, name=f"tunewatch-poll-{self.model}",
+                             daemon=True),
+            threading.Thread(target=self._shadow_loop, name=f"tunewatch-shadow-{self.model}",
                              daemon=True),
         ]  # fmt: skip
         for t in self._threads:
@@ -133,20 +158,72 @@ class Deployment:
     def __call__(self, feed: Any, key: str | bytes | int | None = None) -> Any:
         """Serve one call from the arm this call (or ``key``) routes to."""
         state = self._state  # one read: a concurrent swap never mixes generations
+        if state.pid != _PID[0]:
+            state = self._adopt()
         r = state.routing
         if state.challenger is not None and not r.shadow:
             u = unit_interval(key) if key is not None else random()
             if u < r.share:
-                return state.challenger(feed)
-        result = state.champion(feed)
-        if (
-            state.shadow is not None
-            and (random() < r.share)
-            and len(self._shadow_q) < self._shadow_max
-        ):
+                return state.challenger.call(feed)
+        result = state.champion.call(feed)
+        if state.shadow is not None:
+            self._offer_shadow(state, feed, result)
+        return result
+
+    async def acall(
+        self, feed: Any, key: str | bytes | int | None = None, request_id: str | None = None
+    ) -> Any:
+        """``await dep.acall(feed, key=...)``: serve one call without blocking the event loop.
+
+        With batching the call awaits the batcher's future; without it the ONNX Runtime call
+        runs in the loop's default executor. ``request_id`` is accepted for the labels API
+        that will join outcomes to calls; it is not recorded yet.
+        """
+        state = self._state
+        if state.pid != _PID[0]:
+            state = self._adopt()
+        r = state.routing
+        if state.challenger is not None and not r.shadow:
+            u = unit_interval(key) if key is not None else random()
+            if u < r.share:
+                return await state.challenger.acall(feed)
+        result = await state.champion.acall(feed)
+        if state.shadow is not None:
+            self._offer_shadow(state, feed, result)
+        return result
+
+    def _offer_shadow(self, state: _State, feed: Any, result: Any) -> None:
+        if random() < state.routing.share and len(self._shadow_q) < self._shadow_max:
             self._shadow_q.append((state, feed, result))
             self._shadow_wake.set()
-        return result
+
+    def _adopt(self) -> _State:
+        """First call in a forked child: build this process's sessions and threads.
+
+        The parent's sessions are unusable here; the child serves the routing the parent had
+        until its own poller, started now, reads a newer one.
+        """
+        with self._reload_lock:
+            old = self._state
+            if old.pid == _PID[0]:
+                return old  # another thread of this process adopted it first
+            self._state = self._build(old.routing)
+            if not self._stop.is_set():
+                self._start_threads()
+        _close_all(old.closers)  # the parent's batchers: their threads restarted empty here
+        log.info("deployment %s: built for process %d after a fork", self.model, _PID[0])
+        return self._state
+
+    def _after_fork(self) -> None:
+        """In a forked child: fresh locks and events; sessions and threads wait for a call."""
+        stopped = self._stop.is_set()
+        self._stop = threading.Event()
+        if stopped:
+            self._stop.set()
+        self._reload_lock = threading.Lock()
+        self._shadow_wake = threading.Event()
+        self._shadow_q.clear()
+        self._threads = []
 
     @property
     def routing(self) -> Routing:
@@ -168,19 +245,27 @@ class Deployment:
                 shadow = runner
             else:
                 challenger = runner
-        return _State(r, champ, challenger, shadow, tuple(closers))
+        return _State(r, champ, challenger, shadow, tuple(closers), os.getpid())
 
     def _runner(
         self, info: VersionInfo, arm: str, closers: list[Callable[[], None]],
         batchable: bool = True,
-    ) -> Runner:  # fmt: skip
+    ) -> _Arm:  # fmt: skip
         session = _session(info)
         names = [i.name for i in session.get_inputs()]
         wrapped = self._mon.wrap(session, name=info.model, version=info.version, arm=arm)
         batch = int(self._max_batch or info.config.get("batch_size") or 1)
         use_batching = batchable and (self._batching if self._batching is not None else batch > 1)
         if not use_batching:
-            return lambda feed: wrapped.run(None, _as_feed(feed, names))
+
+            def call(feed: Any) -> Any:
+                return wrapped.run(None, _as_feed(feed, names))
+
+            async def acall(feed: Any) -> Any:
+                # ORT releases the GIL: the loop serves other requests meanwhile.
+                return await asyncio.get_running_loop().run_in_executor(None, call, feed)
+
+            return _Arm(call, acall)
         from monitor.batching import DynamicBatcher
 
         delay = float(self._max_delay if self._max_delay is not None
@@ -192,10 +277,15 @@ class Deployment:
             name=f"{info.model}:{info.version}", workers=workers,
         )  # fmt: skip
         closers.append(batcher.close)
+
+        async def submit(feed: Any) -> Any:
+            return await asyncio.wrap_future(batcher.submit(_as_feed(feed, names)))
+
         # Each caller's call is recorded (its wait included) with its arm and version.
         per_call = self._mon.wrap(lambda feed: batcher(_as_feed(feed, names)), name=info.model,
                                   version=info.version, arm=arm)  # fmt: skip
-        return per_call
+        per_await = self._mon.wrap(submit, name=info.model, version=info.version, arm=arm)
+        return _Arm(per_call, per_await)
 
     # --- background threads -------------------------------------------------------------
 
@@ -236,7 +326,7 @@ class Deployment:
         assert state.shadow is not None and state.routing.experiment_id is not None
         t0 = perf_counter_ns()
         try:
-            out = state.shadow(feed)
+            out = state.shadow.call(feed)
             agreed, score = agreement(champion_out, out)
             error = False
         except Exception:  # the challenger's failure is evidence, not a crash
@@ -250,6 +340,19 @@ class Deployment:
         self._shadow_wake.set()
         with self._reload_lock:  # a reload in flight finishes first, then nothing swaps
             _close_all(self._state.closers)
+
+
+_LIVE: weakref.WeakSet[Deployment] = weakref.WeakSet()
+
+
+def _forked_child() -> None:
+    _PID[0] = os.getpid()
+    for dep in list(_LIVE):
+        dep._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked_child)
 
 
 def _close_all(closers: tuple[Callable[[], None], ...]) -> None:
@@ -289,7 +392,7 @@ def _session(info: VersionInfo) -> Any:
     """An ONNX Runtime session for a verified artifact with the tuned runtime options."""
     import onnxruntime as ort
 
-    path = verify_artifact(info)
+    model_bytes = read_verified(info)  # the session is built from the bytes that were hashed
     runtime = info.config.get("runtime") or {}
     options = session_options(runtime)
     provider = str(runtime.get("provider") or "CPUExecutionProvider")
@@ -297,7 +400,7 @@ def _session(info: VersionInfo) -> Any:
         log.warning("%s:%s was tuned for %s, which is not available here: using the CPU",
                     info.model, info.version, provider)  # fmt: skip
         provider = "CPUExecutionProvider"
-    return ort.InferenceSession(str(path), options, providers=[provider])
+    return ort.InferenceSession(model_bytes, options, providers=[provider])
 
 
 GRAPH_LEVELS = {

@@ -157,17 +157,44 @@ def file_sha256(path: str | Path) -> str:
 def verify_artifact(info: VersionInfo) -> Path:
     """The artifact's path once its sha256 matches the registry.
 
+    Loading it again by path can load a file swapped since the check: to load the artifact,
+    use :func:`read_verified`, which checks and returns the same bytes.
+
     Raises:
         ArtifactMismatch: the file is missing, corrupted or swapped.
     """
     path = Path(info.artifact_path)
     if not path.is_file():
         raise ArtifactMismatch(f"artifact of {info.model}:{info.version} is missing: {path}")
-    actual = file_sha256(path)
+    _check_digest(info, path, file_sha256(path))
+    return path
+
+
+def read_verified(info: VersionInfo) -> bytes:
+    """The artifact's bytes, read once and returned only if their sha256 matches the registry.
+
+    Build the model from these bytes (``ort.InferenceSession(data, ...)``), never from the path
+    again: a file swapped after this read is never loaded.
+
+    Raises:
+        ArtifactMismatch: the file is missing, corrupted or swapped.
+    """
+    path = Path(info.artifact_path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactMismatch(
+            f"artifact of {info.model}:{info.version} is missing or unreadable: {path} "
+            f"({exc.strerror or exc})"
+        ) from None
+    _check_digest(info, path, hashlib.sha256(data).hexdigest())
+    return data
+
+
+def _check_digest(info: VersionInfo, path: Path, actual: str) -> None:
     if actual != info.sha256:
         raise ArtifactMismatch(
             f"artifact of {info.model}:{info.version} at {str(path)!r} is corrupted or was "
             f"swapped: sha256 {actual[:12]}... != registered {info.sha256[:12]}...; it will "
             "not be loaded or promoted. Re-register the model from a trusted file."
         )
-    return path
