@@ -98,6 +98,7 @@ class Settings:
     api_auth_disabled: bool = False
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    api_max_body_bytes: int = 1_000_000  # larger request bodies get 413 before they are read
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -112,7 +113,7 @@ class Settings:
             "drift_reference_rows", "drift_current_s", "drift_max_rows", "drift_min_rows",
             "latency_job_interval_s", "drift_job_interval_s", "retune_job_interval_s",
             "analysis_job_interval_s", "experiment_min_samples", "experiment_max_duration_s",
-            "promotion_watch_s",
+            "promotion_watch_s", "api_max_body_bytes",
             "tune_slo_ms",
         ):  # fmt: skip
             _positive(name, getattr(self, name))

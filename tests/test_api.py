@@ -174,7 +174,7 @@ def test_bad_requests_name_the_problem(api: Api) -> None:
     assert unknown_approve.status_code == 404 and unknown_plot.status_code == 404
     assert no_by.status_code == 422 and empty_by.status_code == 422
     assert blank_by.status_code == 400 and "name of who makes it" in blank_by.json()["detail"]
-    assert bad_status.status_code == 400 and "'maybe'" in bad_status.json()["detail"]
+    assert bad_status.status_code == 422 and "maybe" in str(bad_status.json()["detail"])
     assert bad_id.status_code == 422 and bad_limit.status_code == 422
     assert promotions.get(api.db, pid).status == "pending"  # nothing was decided by bad input
 
