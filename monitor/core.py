@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import functools
+import inspect
 import logging
 import uuid
 import weakref
@@ -17,11 +19,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from monitor.errors import ConfigError, SchemaOutOfDate, StorageError
-from monitor.features import OUTPUT_KINDS, named_inputs, sample_rows
+from monitor.features import OUTPUT_KINDS, named_inputs, sample_rows, snapshot
 from monitor.settings import Settings
 from monitor.storage import Database, ensure_schema, redact
 from monitor.telemetry import build_meter_provider, build_tracer_provider, current_parent, emit_span
-from monitor.writer import DROP_PREFIX, Key, LogBatch, Writer
+from monitor.writer import CANCELLED, DROP_PREFIX, Key, LogBatch, Writer
 
 log = logging.getLogger("tunewatch")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -124,6 +126,8 @@ class Monitor:
 
         Accepts any callable, a ``torch.nn.Module`` (run under ``torch.inference_mode()``),
         or an ``onnxruntime.InferenceSession`` (``run(output_names, feed)`` or ``(feed)``).
+        An ``async def`` function, or an object whose ``__call__`` is one, gets an async
+        wrapper (``await model(x)``) that times the await and samples the awaited result.
 
         Raises:
             TypeError: ``model`` is not callable and not an InferenceSession.
@@ -135,15 +139,26 @@ class Monitor:
             return InstrumentedSession(self, model, key)
         if kind == "torch":
             return InstrumentedModule(self, model, key)
+        if _is_async(model):
+            return AsyncInstrumented(self, model, key)
         return Instrumented(self, model, key)
 
     def instrument(
         self, *, name: str, version: str = "v1", arm: str | None = None
     ) -> Callable[[F], F]:
-        """Decorator form of :meth:`wrap` for functions."""
+        """Decorator form of :meth:`wrap` for functions (``async def`` ones included)."""
 
         def decorate(fn: F) -> F:
-            invoke = self.wrap(fn, name=name, version=version, arm=arm)._invoke
+            wrapped = self.wrap(fn, name=name, version=version, arm=arm)
+            if isinstance(wrapped, AsyncInstrumented):
+                ainvoke = wrapped._ainvoke
+
+                @functools.wraps(fn)
+                async def awrapper(*args: Any, **kwargs: Any) -> Any:
+                    return await ainvoke(fn, args, kwargs)
+
+                return awrapper  # type: ignore[return-value]
+            invoke = wrapped._invoke
 
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -196,7 +211,7 @@ class Monitor:
         rows = sample_rows(
             named_inputs((feed,), {}), outputs, max_rows=1 << 62,
             tabular_max_columns=self.settings.tabular_max_columns,
-            raw_max_values=self.settings.raw_max_values, output_kind=key.output_kind,
+            raw_row_max_bytes=self.settings.raw_row_max_bytes, output_kind=key.output_kind,
             feature_names=key.feature_names,
         )  # fmt: skip
         n = len(rows)
@@ -297,7 +312,7 @@ class _SpanSink:
 class Instrumented:
     """A wrapped callable. The call path: two clock reads, one random draw, one append."""
 
-    __slots__ = ("__weakref__", "_fn", "_key", "_mon", "_q", "_qmax", "_srate", "_trate")
+    __slots__ = ("__weakref__", "_fn", "_key", "_mon", "_q", "_qmax", "_rows", "_srate", "_trate")
 
     def __init__(self, mon: Monitor, fn: Any, key: Key) -> None:
         if not callable(fn):
@@ -312,6 +327,7 @@ class Instrumented:
         self._qmax = mon.settings.queue_size
         self._srate = mon.settings.sample_rate
         self._trate = mon.settings.span_sample_rate
+        self._rows = max(1, mon.settings.sample_cap_per_minute)  # most rows one call can store
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._invoke(self._fn, args, kwargs)
@@ -338,9 +354,34 @@ class Instrumented:
             r = random()
             q.append((
                 self._key, t0, dt, batch_size_of(args, kwargs), error,
-                (args, kwargs, result) if error is None and r < self._srate else None,
+                self._snapshot(args, kwargs, result) if error is None and r < self._srate
+                else None,
                 (current_parent() or True) if r < self._trate else None,
             ))  # fmt: skip
+        except Exception:  # monitoring never raises into the caller
+            self._mon._internal_error()
+
+    def _snapshot(self, args: Any, kwargs: Any, result: Any) -> Any:
+        """Copy what a sampled call stores, so a reused buffer cannot change it later."""
+        try:
+            k = self._rows
+            return (
+                tuple(snapshot(a, k) for a in args),
+                {name: snapshot(v, k) for name, v in kwargs.items()},
+                snapshot(result, k),
+            )
+        except Exception:  # an input that cannot be copied loses only its sample
+            self._mon._internal_error()
+            return None
+
+    def _record_cancelled(self, t0: int, dt: int, args: Any, kwargs: Any) -> None:
+        """Queue a cancelled await: never sampled, always traced (cancellations are rare)."""
+        try:
+            if len(self._q) >= self._qmax:
+                self._mon._drop()
+                return
+            self._q.append((self._key, t0, dt, batch_size_of(args, kwargs), CANCELLED, None,
+                            current_parent() or True))  # fmt: skip
         except Exception:  # monitoring never raises into the caller
             self._mon._internal_error()
 
@@ -355,8 +396,45 @@ class Instrumented:
         return f"<tunewatch {self._key.model}:{self._key.version} wrapping {self._fn!r}>"
 
 
+class AsyncInstrumented(Instrumented):
+    """A wrapped ``async def`` model: ``await model(x)`` is timed and sampled when it ends.
+
+    An exception raised inside the await is recorded as an error and re-raised as is; a
+    cancelled await is recorded as ``cancelled`` (a span with that status, no latency).
+    """
+
+    __slots__ = ()
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._ainvoke(self._fn, args, kwargs)
+
+    async def _ainvoke(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        t0 = perf_counter_ns()
+        try:
+            result = await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            self._record_cancelled(t0, perf_counter_ns() - t0, args, kwargs)
+            raise
+        except BaseException as exc:
+            self._record(t0, perf_counter_ns() - t0, args, kwargs, None, type(exc).__name__)
+            raise
+        self._record(t0, perf_counter_ns() - t0, args, kwargs, result, None)
+        return result
+
+
+# torch.nn.Module methods that return the module itself: they return the wrapper instead.
+_RETURNS_MODULE = frozenset({
+    "eval", "train", "to", "cpu", "cuda", "half", "float", "double", "bfloat16",
+    "requires_grad_", "share_memory", "apply", "to_empty", "xpu", "type",
+})  # fmt: skip
+
+
 class InstrumentedModule(Instrumented):
-    """A wrapped ``torch.nn.Module``, called under ``torch.inference_mode()``."""
+    """A wrapped ``torch.nn.Module``, called under ``torch.inference_mode()``.
+
+    ``eval()``, ``to(...)`` and the other methods that return the module return the wrapper,
+    so ``mon.wrap(net).eval()`` stays instrumented.
+    """
 
     __slots__ = ("_inference_mode",)
 
@@ -369,6 +447,18 @@ class InstrumentedModule(Instrumented):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self._inference_mode():
             return self._invoke(self._fn, args, kwargs)
+
+    def __getattr__(self, item: str) -> Any:
+        attr = getattr(self._fn, item)
+        if item not in _RETURNS_MODULE or not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def returning_wrapper(*args: Any, **kwargs: Any) -> Any:
+            out = attr(*args, **kwargs)
+            return self if out is self._fn else out
+
+        return returning_wrapper
 
 
 class InstrumentedSession(Instrumented):
@@ -410,6 +500,13 @@ def _model_kind(model: Any) -> str:
             "torch.nn.Module or an onnxruntime.InferenceSession"
         )
     return "callable"
+
+
+def _is_async(model: Any) -> bool:
+    """An ``async def`` function (or partial of one), or an object with an async ``__call__``."""
+    if inspect.iscoroutinefunction(model):
+        return True
+    return callable(model) and inspect.iscoroutinefunction(type(model).__call__)
 
 
 def _timestamps(value: Any, n: int) -> list[datetime]:
@@ -467,4 +564,6 @@ def _close_all() -> None:
             mon.close(timeout=5.0)
 
 
-__all__ = ["Instrumented", "InstrumentedModule", "InstrumentedSession", "Monitor"]
+__all__ = [
+    "AsyncInstrumented", "Instrumented", "InstrumentedModule", "InstrumentedSession", "Monitor",
+]  # fmt: skip

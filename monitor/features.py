@@ -1,13 +1,14 @@
 """Turn sampled model inputs and outputs into stored rows (runs on the writer thread).
 
 Tabular inputs (a DataFrame, or a 2-D array with few columns) keep their named columns.
-Tensors become per-row summary features (mean, std, min, max, L2 norm) plus the raw row when
-it is small, so drift can be computed and calibration sets rebuilt from real traffic.
+Tensors become per-row summary features (mean, std, min, max, L2 norm) plus the raw row (up to
+``raw_row_max_bytes``), so drift can be computed and calibration sets rebuilt from real traffic.
 Outputs become a summary: top class and confidence, an embedding's norm, or the value.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,37 +53,78 @@ def named_inputs(args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, An
     return named
 
 
+def snapshot(value: Any, max_rows: int) -> Any:
+    """A private copy of the first ``max_rows`` rows of a sampled value (runs on the call path).
+
+    Only sampled calls pay for it, and never for more rows than can be stored, so a caller
+    that reuses its buffers cannot change what the writer reads later.
+    """
+    if isinstance(value, np.ndarray):
+        return value[:max_rows].copy() if value.ndim else value.copy()
+    if isinstance(value, (str, bytes, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {k: snapshot(v, max_rows) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if value and hasattr(value[0], "shape"):  # several arrays: each one's rows
+            return [snapshot(v, max_rows) for v in value]
+        return copy.deepcopy(value[:max_rows])
+    clone = getattr(value, "clone", None)
+    if clone is not None and hasattr(value, "detach"):  # torch.Tensor
+        return (value[:max_rows] if value.dim() else value).detach().clone()
+    if hasattr(value, "iloc") and hasattr(value, "copy"):  # pandas
+        return value.iloc[:max_rows].copy()
+    if hasattr(value, "__array__"):
+        arr = np.array(value)
+        return arr[:max_rows] if arr.ndim else arr
+    return value
+
+
 def sample_rows(
     inputs: Mapping[str, Any],
     outputs: Any,
     *,
     max_rows: int,
     tabular_max_columns: int = 64,
-    raw_max_values: int = 4096,
+    raw_row_max_bytes: int = 8 << 20,
     output_kind: str = "auto",
     feature_names: Sequence[str] | None = None,
 ) -> list[RowSample]:
-    """Rows to store for one call (at most ``max_rows``)."""
+    """Rows to store for one call (at most ``max_rows``; only those are ever converted)."""
     if not inputs or max_rows <= 0:
         return []
     primary = next(iter(inputs.values()))
-    kind, feats = _input_features(primary, tabular_max_columns, feature_names)
-    n = min(len(feats), max_rows)
-    raws = _raw_rows(inputs, n, raw_max_values)
-    outs = output_summaries(outputs, len(feats), output_kind)
+    total = _rows_of(primary)
+    kind, feats = _input_features(primary, tabular_max_columns, feature_names, max_rows)
+    n = len(feats)
+    raws = _raw_rows(inputs, n, raw_row_max_bytes)
+    outs = output_summaries(outputs, total, output_kind, max_rows=n)
     return [
         RowSample(kind, feats[i], outs[i] if outs is not None else None, raws[i]) for i in range(n)
     ]
 
 
+def _rows_of(primary: Any) -> int:
+    if isinstance(primary, str):
+        return 1
+    if hasattr(primary, "columns") and hasattr(primary, "to_dict"):
+        return len(primary)
+    shape = getattr(primary, "shape", None)
+    if shape is not None:
+        return int(shape[0]) if len(shape) else 1
+    if isinstance(primary, (list, tuple)):
+        return len(primary)
+    return 1
+
+
 def _input_features(
-    primary: Any, max_cols: int, names: Sequence[str] | None
+    primary: Any, max_cols: int, names: Sequence[str] | None, max_rows: int
 ) -> tuple[str, list[dict[str, Any]]]:
     if hasattr(primary, "columns") and hasattr(primary, "to_dict"):  # pandas DataFrame
-        records = primary.to_dict(orient="records")
+        records = primary.iloc[:max_rows].to_dict(orient="records")
         return "tabular", [{str(k): _scalar(v) for k, v in r.items()} for r in records]
     if isinstance(primary, (list, tuple)) and primary and isinstance(primary[0], str):
-        return "text", [{"chars": len(s), "words": len(s.split())} for s in primary]
+        return "text", [{"chars": len(s), "words": len(s.split())} for s in primary[:max_rows]]
     if isinstance(primary, str):
         return "text", [{"chars": len(primary), "words": len(primary.split())}]
     arr = to_numpy(primary)
@@ -92,22 +134,32 @@ def _input_features(
         arr = arr.reshape(1, 1)
     elif arr.ndim == 1:
         arr = arr.reshape(-1, 1)
+    arr = arr[:max_rows]
     if arr.ndim == 2 and arr.shape[1] <= max_cols:
         cols = list(names) if names and len(names) == arr.shape[1] else None
         cols = cols or [f"x{j}" for j in range(arr.shape[1])]
         return "tabular", [dict(zip(cols, map(_scalar, row))) for row in arr.tolist()]
-    return "tensor", [_summary(row) for row in arr.reshape(arr.shape[0], -1)]
+    return "tensor", _summaries(arr.reshape(arr.shape[0], -1))
 
 
-def _summary(row: np.ndarray) -> dict[str, Any]:
-    x = row.astype(np.float64, copy=False)
-    if x.size == 0:
-        return dict.fromkeys(SUMMARY_FEATURES)
-    stats = (x.mean(), x.std(), x.min(), x.max(), float(np.sqrt(np.dot(x, x))))
-    return {k: _scalar(v) for k, v in zip(SUMMARY_FEATURES, stats)}
+def _summaries(rows: np.ndarray) -> list[dict[str, Any]]:
+    """Per-row summary features, vectorised over chunks of about a million values."""
+    if rows.shape[1] == 0:
+        return [dict.fromkeys(SUMMARY_FEATURES) for _ in range(rows.shape[0])]
+    step = max(1, (1 << 20) // rows.shape[1])
+    out: list[dict[str, Any]] = []
+    for start in range(0, rows.shape[0], step):
+        x = rows[start : start + step].astype(np.float64, copy=False)
+        stats = (x.mean(axis=1), x.std(axis=1), x.min(axis=1), x.max(axis=1),
+                 np.sqrt(np.einsum("ij,ij->i", x, x)))  # fmt: skip
+        columns = [[_scalar(v) for v in s.tolist()] for s in stats]
+        out.extend(dict(zip(SUMMARY_FEATURES, values)) for values in zip(*columns))
+    return out
 
 
 def _scalar(v: Any) -> Any:
+    if isinstance(v, np.ndarray) and v.ndim == 0:
+        v = v.item()
     if isinstance(v, (bool, np.bool_)):
         return bool(v)
     if isinstance(v, (int, float, np.integer, np.floating)):
@@ -118,7 +170,8 @@ def _scalar(v: Any) -> Any:
     return str(v)
 
 
-def _raw_rows(inputs: Mapping[str, Any], n: int, limit: int) -> list[bytes | None]:
+def _raw_rows(inputs: Mapping[str, Any], n: int, max_bytes: int) -> list[bytes | None]:
+    """Each row's arrays as ``.npz``; None for all rows when one would exceed ``max_bytes``."""
     arrays: dict[str, np.ndarray] = {}
     for name, value in inputs.items():
         if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
@@ -128,30 +181,31 @@ def _raw_rows(inputs: Mapping[str, Any], n: int, limit: int) -> list[bytes | Non
         if arr is None or arr.ndim == 0 or arr.shape[0] < n or arr.dtype == object:
             return [None] * n
         arrays[name] = arr
-    per_row = sum(int(np.prod(a.shape[1:], dtype=np.int64)) for a in arrays.values())
-    if per_row > limit:
+    per_row = sum(a[0].nbytes for a in arrays.values()) if n else 0
+    if per_row > max_bytes:
         return [None] * n
     return [pack_arrays({k: a[i] for k, a in arrays.items()}) for i in range(n)]
 
 
-def output_summaries(outputs: Any, n_rows: int, kind: str = "auto") -> list[dict[str, Any]] | None:
-    """Per-row output summaries, or None when the output does not line up with the rows."""
+def output_summaries(
+    outputs: Any, n_rows: int, kind: str = "auto", *, max_rows: int | None = None
+) -> list[dict[str, Any]] | None:
+    """Per-row output summaries (of the first ``max_rows`` rows), or None when the output
+    does not line up with the ``n_rows`` rows of the input."""
     first = _first_array(outputs)
-    if first is None:
+    if first is None or first.dtype == object:
         return None
-    arr = first.astype(np.float64, copy=False) if first.dtype != object else None
-    if arr is None:
+    if first.ndim == 0:
+        return [{"value": _scalar(first.item())}] if n_rows == 1 else None
+    if first.shape[0] != n_rows:
         return None
-    if arr.ndim == 0:
-        return [{"value": _scalar(arr)}] * n_rows if n_rows == 1 else None
-    if arr.shape[0] != n_rows:
-        return None
-    flat = arr.reshape(n_rows, -1)
+    arr = first[:max_rows].astype(np.float64, copy=False)
+    flat = arr.reshape(arr.shape[0], -1)
     kind = _output_kind(flat, kind)
     if kind == "scalar":
-        return [{"value": _scalar(v)} for v in flat[:, 0]]
+        return [{"value": _scalar(v)} for v in flat[:, 0].tolist()]
     if kind == "embedding":
-        return [{"norm": _scalar(v)} for v in np.linalg.norm(flat, axis=1)]
+        return [{"norm": _scalar(v)} for v in np.linalg.norm(flat, axis=1).tolist()]
     probs = _as_probabilities(flat)
     top = probs.argmax(axis=1)
     return [{"top_class": int(c), "confidence": _scalar(probs[i, c])} for i, c in enumerate(top)]
@@ -160,7 +214,11 @@ def output_summaries(outputs: Any, n_rows: int, kind: str = "auto") -> list[dict
 def _first_array(outputs: Any) -> np.ndarray | None:
     if isinstance(outputs, Mapping):
         outputs = next(iter(outputs.values()), None)
-    elif isinstance(outputs, (list, tuple)) and outputs and not isinstance(outputs[0], float):
+    if isinstance(outputs, (bool, int, float, np.number)):  # a number is a 0-d output
+        return np.asarray(float(outputs))
+    if isinstance(outputs, (list, tuple)) and outputs:
+        if all(isinstance(v, (bool, int, float, np.number)) for v in outputs):
+            return np.asarray(outputs, dtype=np.float64)
         arr = to_numpy(outputs[0])
         if arr is not None and arr.ndim >= 1:
             return arr

@@ -49,7 +49,9 @@ class Settings:
     span_sample_rate: float = 0.01
     sample_rate: float = 0.05
     sample_cap_per_minute: int = 600
-    raw_max_values: int = 4096
+    raw_max_values: int = 4096  # accepted for old configs; raw rows now obey the two below
+    raw_row_max_bytes: int = 8 << 20  # a sampled row's raw arrays are kept up to this size
+    raw_reservoir_mb: float = 256.0  # raw bytes kept per model version; the oldest are cleared
     tabular_max_columns: int = 64
     queue_size: int = 250_000
     buffer_rows: int = 100_000
@@ -117,7 +119,8 @@ class Settings:
             "tune_slo_ms",
         ):  # fmt: skip
             _positive(name, getattr(self, name))
-        for name in ("sample_cap_per_minute", "raw_max_values", "tabular_max_columns"):
+        for name in ("sample_cap_per_minute", "raw_max_values", "tabular_max_columns",
+                     "raw_row_max_bytes", "raw_reservoir_mb"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name}={getattr(self, name)!r} must be 0 or more")
         if self.retry_max_backoff_s < 0:

@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import Status, StatusCode
 
 SPAN_NAME = "tunewatch.call"
+CANCELLED = "cancelled"  # the error slot of a cancelled await: a span, no latency, no error
 
 
 class RowSink(Protocol):
@@ -62,6 +63,7 @@ def span_row(span: ReadableSpan) -> dict[str, Any] | None:
     ctx = span.get_span_context()
     parent = span.parent
     error = attrs.get("error.type")
+    status = attrs.pop("tunewatch.status", None)
     return {
         "trace_id": f"{ctx.trace_id:032x}" if ctx else None,
         "span_id": f"{ctx.span_id:016x}" if ctx else None,
@@ -73,7 +75,7 @@ def span_row(span: ReadableSpan) -> dict[str, Any] | None:
         "start_time": datetime.fromtimestamp(span.start_time / 1e9, timezone.utc),
         "duration_ms": (span.end_time - span.start_time) / 1e6,
         "batch_size": int(attrs.get("tunewatch.batch_size", 1)),  # type: ignore[arg-type]
-        "status": "error" if error else "ok",
+        "status": str(status) if status else "error" if error else "ok",
         "error_type": str(error) if error else None,
         "source": "call",
         "attributes": {k: v for k, v in attrs.items() if isinstance(v, (str, int, float, bool))},
@@ -108,7 +110,9 @@ def emit_span(
     """Record one finished call as a span with explicit start and end times."""
     ctx = trace.set_span_in_context(parent) if parent is not None else None
     span = tracer.start_span(SPAN_NAME, context=ctx, start_time=start_ns, attributes=attributes)
-    if error is not None:
+    if error == CANCELLED:
+        span.set_attribute("tunewatch.status", CANCELLED)
+    elif error is not None:
         span.set_attribute("error.type", error)
         span.set_status(Status(StatusCode.ERROR, error))
     span.end(end_time=start_ns + duration_ns)

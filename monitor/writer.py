@@ -29,10 +29,16 @@ from monitor.errors import MonitorError, SchemaOutOfDate, StorageError
 from monitor.features import RowSample, named_inputs, sample_rows
 from monitor.settings import Settings
 from monitor.storage import Database, ensure_schema, insert_rows
+from monitor.telemetry import CANCELLED
 
 log = logging.getLogger("tunewatch.writer")
 
 DROP_PREFIX = "dropped_"
+# Sampled records waiting for conversion; beyond this the oldest sample is dropped (counted).
+EXTRAS_BACKLOG = 10_000
+RAW_CLEAR_BATCH = 200  # raw rows cleared per statement when a version's reservoir is full
+RAW_CLEAR_BATCHES = 10  # statements per flush at most, so the writer never stalls on it
+RAW_RESYNC_S = 300.0  # re-read a version's raw total from the database at most this often
 
 
 @dataclass(eq=False)
@@ -124,6 +130,12 @@ class Writer:
         self._aggs: dict[tuple[Key, int, str], Agg] = {}
         self._log_batches = 0
         self._samples: list[dict[str, Any]] = []
+        self._extras: deque[tuple[Any, ...]] = deque()  # sampled/traced calls to convert
+        # Raw bytes stored per (model, version), re-read at most every RAW_RESYNC_S, and the
+        # timestamp below which that version has no raw rows left (where clearing resumes).
+        self._raw_used: dict[tuple[str, str], int] = {}
+        self._raw_synced: dict[tuple[str, str], float] = {}
+        self._raw_floor: dict[tuple[str, str], datetime] = {}
         self._spans: list[dict[str, Any]] = []
         self._seen: dict[Key, list[datetime]] = {}
         self._seen_dirty: set[Key] = set()
@@ -161,6 +173,8 @@ class Writer:
         self.counters, self.totals, self._minute = {}, {}, {}
         self._shadow, self._shadow_dirty = {}, set()
         self._samples, self._spans = [], []
+        self._extras.clear()
+        self._raw_used, self._raw_synced = {}, {}
         self._seen_dirty.clear()
         self._aggs.clear()
         self.calls.clear()
@@ -217,7 +231,7 @@ class Writer:
     @property
     def pending_rows(self) -> int:
         """Rows waiting for the database."""
-        return len(self._samples) + len(self._spans) + len(self.calls)
+        return len(self._samples) + len(self._spans) + len(self.calls) + len(self._extras)
 
     # --- the thread ---------------------------------------------------------------------
 
@@ -229,19 +243,24 @@ class Writer:
             self._wake.clear()
             with self._flushed:
                 requested = self._flush_seq  # read first: everything queued before it is drained
+            flushing = requested > self._done_seq or self._stop
             try:
                 self._drain()
+                # Converting samples is the writer's costly work: within a budget per loop,
+                # so a huge sampled input never holds back the periodic flush; an explicit
+                # flush converts everything queued before it.
+                self._convert_extras(None if flushing else time.monotonic() + interval / 4)
             except Exception:  # never let a bad record kill the writer
                 log.exception("tunewatch writer failed to process records")
                 self.count("internal_errors")
             now = time.monotonic()
-            if requested > self._done_seq or now >= next_flush or self._stop:
+            if flushing or now >= next_flush:
                 if self._flush_once():
                     with self._flushed:
                         self._done_seq = requested
                         self._flushed.notify_all()
                 next_flush = time.monotonic() + max(interval, self._backoff)
-            if self._stop and not self.calls and not self.logs:
+            if self._stop and not self.calls and not self.logs and not self._extras:
                 return
 
     def _drain(self) -> None:
@@ -257,13 +276,18 @@ class Writer:
             group = groups.get(slot)
             if group is None:
                 group = groups[slot] = ([], [], [])
-            group[0].append(dt)
-            group[1].append(items)
-            if error is not None:
-                group[2].append(error)
+            if error is CANCELLED:  # not a finished call: no latency, never an error
+                self.count(CANCELLED)
+            else:
+                group[0].append(dt)
+                group[1].append(items)
+                if error is not None:
+                    group[2].append(error)
             if payload is not None or span_ctx is not None:
-                self._extras(key, wall, dt, items, error, payload, span_ctx)
+                self._defer(key, wall, dt, items, error, payload, span_ctx)
         for slot, (dts, items_list, errors) in groups.items():
+            if not dts:
+                continue
             agg = aggs.get(slot)
             if agg is None:
                 agg = aggs[slot] = Agg()
@@ -277,7 +301,24 @@ class Writer:
         while self.span_rows:
             self._buffer(self._spans, self.span_rows.popleft())
 
-    def _extras(
+    def _defer(self, *record: Any) -> None:
+        """Queue a sampled or traced call for conversion; a full backlog drops the oldest."""
+        if len(self._extras) >= EXTRAS_BACKLOG:
+            self._extras.popleft()
+            self.count(DROP_PREFIX + "sample_backlog")
+        self._extras.append(record)
+
+    def _convert_extras(self, deadline: float | None) -> None:
+        """Turn deferred calls into sample and span rows until ``deadline`` (None: all)."""
+        extras, convert = self._extras, self._extras_of
+        while extras:
+            convert(*extras.popleft())
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        while self.span_rows:  # the spans just built
+            self._buffer(self._spans, self.span_rows.popleft())
+
+    def _extras_of(
         self, key: Key, wall: int, dt: int, items: int, error: str | None, payload: Any,
         span_ctx: Any,
     ) -> None:  # fmt: skip
@@ -310,10 +351,10 @@ class Writer:
             self.count("samples_capped")
             return
         args, kwargs, result = payload
+        raw_max = self.settings.raw_row_max_bytes if self.settings.raw_reservoir_mb > 0 else 0
         rows = sample_rows(
             named_inputs(args, kwargs), result, max_rows=room,
-            tabular_max_columns=self.settings.tabular_max_columns,
-            raw_max_values=self.settings.raw_max_values,
+            tabular_max_columns=self.settings.tabular_max_columns, raw_row_max_bytes=raw_max,
             output_kind=key.output_kind, feature_names=key.feature_names,
         )  # fmt: skip
         self._minute[key] = (minute, used + len(rows))
@@ -404,6 +445,7 @@ class Writer:
             for key_slot, acc in shadow:
                 s.execute(_upsert_shadow(dialect, self.instance_id, key_slot, acc, now))
         self._samples, self._spans = [], []
+        self._count_raw(samples)
         self._seen_dirty.difference_update(seen)
         with self._drop_lock:  # clean unless a comparison arrived while we wrote
             for key_slot, acc in shadow:
@@ -412,6 +454,62 @@ class Writer:
         for _slot, agg in dirty:
             agg.dirty = False
         self._forget_closed_intervals(now)
+
+    # --- the raw reservoir ---------------------------------------------------------------
+
+    def _count_raw(self, samples: list[dict[str, Any]]) -> None:
+        """Add written raw bytes per version; clear the oldest raw rows of versions over budget."""
+        written: dict[tuple[str, str], int] = {}
+        for row in samples:
+            if row["raw_bytes"]:
+                mv = (row["model"], row["version"])
+                written[mv] = written.get(mv, 0) + row["raw_bytes"]
+        for mv, n in written.items():
+            self._raw_used[mv] = self._raw_used.get(mv, 0) + n
+        budget = int(self.settings.raw_reservoir_mb * (1 << 20))
+        for mv in [mv for mv, used in self._raw_used.items() if used > budget]:
+            try:
+                self._trim_raw(mv, budget)
+            except Exception as exc:  # telemetry is written; the next flush tries again
+                log.warning("tunewatch: cannot trim raw samples of %s:%s (%s)", *mv, exc)
+
+    def _trim_raw(self, mv: tuple[str, str], budget: int) -> None:
+        """Clear raw arrays (keeping the summary rows) of ``mv``'s oldest samples until its
+        raw bytes fit ``budget``, in batches of :data:`RAW_CLEAR_BATCH` rows."""
+        from sqlalchemy import func, select, update
+
+        t = schema.Sample
+        mine = (t.model == mv[0], t.version == mv[1], t.raw_bytes.is_not(None))
+        now = time.monotonic()
+        if now - self._raw_synced.get(mv, -RAW_RESYNC_S) >= RAW_RESYNC_S:
+            # Other processes write raw rows of the same version: re-read the true total.
+            with self.db.session() as s:
+                total = s.execute(select(func.sum(t.raw_bytes)).where(*mine)).scalar()
+            self._raw_used[mv], self._raw_synced[mv] = int(total or 0), now
+        for _ in range(RAW_CLEAR_BATCHES):
+            excess = self._raw_used[mv] - budget
+            if excess <= 0:
+                return
+            stmt = select(t.id, t.raw_bytes, t.ts).where(*mine).order_by(t.ts, t.id)
+            floor = self._raw_floor.get(mv)
+            if floor is not None:
+                stmt = stmt.where(t.ts >= floor)
+            with self.db.session() as s:
+                oldest = s.execute(stmt.limit(RAW_CLEAR_BATCH)).all()
+                ids, freed = [], 0
+                for row_id, size, ts in oldest:
+                    if freed >= excess:
+                        break
+                    ids.append(row_id)
+                    freed += int(size or 0)
+                    self._raw_floor[mv] = ts
+                if ids:
+                    s.execute(update(t).where(t.id.in_(ids)).values(raw=None, raw_bytes=None))
+            if not ids:  # nothing left to clear: the total was stale
+                self._raw_used[mv] = max(0, self._raw_used[mv] - excess)
+                return
+            self._raw_used[mv] -= freed
+            self.count("raw_rows_cleared", len(ids))
 
     def _forget_closed_intervals(self, now: datetime) -> None:
         horizon_s = now.timestamp() - 6 * self.settings.aggregate_interval_s
@@ -526,7 +624,7 @@ def _sample_dict(key: Key, ts: datetime, row: RowSample, source: str) -> dict[st
     return {
         "model": key.model, "version": key.version, "arm": key.arm, "ts": ts, "source": source,
         "input_kind": row.input_kind, "features": row.features, "outputs": row.outputs,
-        "raw": row.raw,
+        "raw": row.raw, "raw_bytes": len(row.raw) if row.raw is not None else None,
     }  # fmt: skip
 
 
