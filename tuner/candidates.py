@@ -11,6 +11,7 @@ import copy
 import io
 import logging
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
-Kind = Literal["fp32", "dynamic", "static", "torch_dynamic", "pruned", "fp16"]
+# "incumbent" is the serving champion entered into a run as it is: measured, never built.
+Kind = Literal["fp32", "dynamic", "static", "torch_dynamic", "pruned", "fp16", "incumbent"]
 OP_TYPES = {"all": None, "matmul": ["MatMul"], "matmul_conv": ["MatMul", "Gemm", "Conv"]}
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")
 ACTIVATION_TYPES = ("QUInt8", "QInt8")
@@ -331,12 +333,28 @@ def preprocess(model: Path, out: Path) -> Path:
     """
     from onnxruntime.quantization import quant_pre_process
 
-    with quiet():
+    model, out = Path(model).resolve(), Path(out).resolve()
+    with quiet(), in_directory(out.parent):
         try:
             quant_pre_process(str(model), str(out))
         except Exception:  # symbolic shape inference raises assorted errors
             quant_pre_process(str(model), str(out), skip_symbolic_shape=True)
     return out
+
+
+_CWD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def in_directory(path: Path) -> Iterator[None]:
+    """Run the block with ``path`` as the working directory, one thread at a time.
+
+    ORT's symbolic shape inference saves ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data``
+    file into the working directory when it cannot infer every shape; inside a run's work
+    directory they stay with the run instead of littering the caller's directory.
+    """
+    with _CWD_LOCK, contextlib.chdir(path):
+        yield
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> int:

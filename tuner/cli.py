@@ -245,7 +245,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     for v in versions:
         print(f"{v.model}:{v.version:<14} {v.status:<10} parent={v.parent_version or '-':<8} "
-              f"{v.artifact_path}")  # fmt: skip
+              f"source={v.source:<8} {v.artifact_path}")  # fmt: skip
     if not versions:
         print("no registered models: `tunewatch register NAME --onnx PATH`")
     return 0
@@ -258,7 +258,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     with _database(args) as (settings, db), _progress(enabled=not args.json) as progress:
         outcome = run_tuning(
             db, settings, args.name, slo_ms=args.slo_ms, objective=args.objective,
-            dataset=args.dataset, progress=progress, quick=args.quick,
+            dataset=args.dataset, progress=progress, quick=args.quick, min_gain=args.min_gain,
         )  # fmt: skip
     if args.json:
         print_json(outcome.to_dict())
@@ -307,11 +307,14 @@ def _print_tuning(outcome: Any) -> None:
             _ms(t.throughput), _ms(t.latency_p50_ms), _ms(t.latency_p95_ms), t.reason[:80],
         )  # fmt: skip
     console.print(table)
+    console.print(f"built from source {outcome.model}:{outcome.source_version}; "
+                  f"data: {outcome.data_source}", markup=False)  # fmt: skip
     if outcome.winner is not None:
-        console.print(f"winner registered as {outcome.model}:{outcome.winner.version} "
-                      f"(speed-up x{outcome.speedup or 0:.2f} over ORT fp32)")  # fmt: skip
+        console.print(f"outcome registered: {outcome.model}:{outcome.winner.version} "
+                      f"(speed-up x{outcome.speedup or 0:.2f} over ORT fp32): {outcome.reason}",
+                      markup=False)  # fmt: skip
     else:
-        console.print("no candidate passed the guard and the SLO: nothing registered")
+        console.print(f"outcome {outcome.outcome}: {outcome.reason}", markup=False)
     console.print(f"report: {outcome.report}\nplot: {outcome.plot}")
 
 
@@ -421,6 +424,44 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- fidelity and analysis -------------------------------------------------------------
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    """``tunewatch fidelity NAME``: replay the champion's recent inputs against its source."""
+    from tuner.fidelity import check_champion
+
+    with _database(args) as (settings, db):
+        check = check_champion(db, settings, args.name, rows=args.rows)
+    out = check.to_dict()
+    if args.json:
+        print_json(out)
+        return 0
+    verdict = {True: "PASSED", False: "FAILED", None: out["status"]}[out["passed"]]
+    print(f"{out['model']}:{out['version']} vs source {out['source_version']}: {verdict} "
+          f"on {out['rows']} rows: {out['message']}")  # fmt: skip
+    if out["event_id"] is not None:
+        print(f"event #{out['event_id']} (see `tunewatch events`)")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """``tunewatch analyze [NAME]``: judge every running experiment once and act on it."""
+    from tuner.analysis import run_analysis
+
+    with _database(args) as (settings, db):
+        verdicts = run_analysis(db, settings, model=args.name)
+    if args.json:
+        print_json({"verdicts": [v.to_dict() for v in verdicts]})
+        return 0
+    for v in verdicts:
+        pending = f" (promotion {v.promotion_id})" if v.promotion_id else ""
+        print(f"experiment {v.experiment_id}: {v.decision}{pending}: {v.reason}")
+    if not verdicts:
+        print("no running experiments")
+    return 0
+
+
 # --- serve -----------------------------------------------------------------------------
 
 
@@ -518,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
     tu.add_argument("--dataset", help=".npz with arrays named like the inputs (+ labels)")
     tu.add_argument("--quick", action="store_true", help="a small, fast search (demos)")
+    tu.add_argument("--min-gain", type=float, default=0.05,
+                    help="register a winner only if it beats the champion's objective by this "
+                         "fraction (default 0.05), or if the champion fails the guard")  # fmt: skip
     tu.set_defaults(func=cmd_tune)
 
     ex = sub.add_parser("experiment", help="start or stop an experiment", parents=[common])
@@ -548,6 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--by", required=True, help="who decides (audit log)")
         d.add_argument("--note", help="why")
         d.set_defaults(func=cmd_decide)
+
+    fi = sub.add_parser("fidelity", help="replay the champion's recent inputs against its "
+                        "source", parents=[common])  # fmt: skip
+    fi.add_argument("name")
+    fi.add_argument("--rows", type=int, help="raw inputs to replay (default: fidelity_rows)")
+    fi.set_defaults(func=cmd_fidelity)
+
+    an = sub.add_parser("analyze", help="judge running experiments once now", parents=[common])
+    an.add_argument("name", nargs="?", help="only this model's experiment")
+    an.set_defaults(func=cmd_analyze)
 
     po = sub.add_parser("policy", help="show or set a model's automation policy",
                         parents=[common])  # fmt: skip

@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
 
-from monitor.storage import Database, read_samples, utcnow
-from tuner.errors import NotEnoughSamples, TunerError
+from monitor import schema
+from monitor.registry import get_version, list_versions
+from monitor.storage import Database, SampleRow, as_utc, read_samples, utcnow
+from tuner.errors import NotEnoughSamples, NotFound, TunerError
 
 
 @dataclass(frozen=True)
 class TuningData:
-    """Feeds keyed by the model's input names, split into calibration and held-out parts."""
+    """Feeds keyed by the model's input names, split into calibration and held-out parts.
+
+    ``windows`` says where production rows came from: one entry per time window with its
+    bounds and row count (empty for a user's dataset).
+    """
 
     calibration: dict[str, np.ndarray]
     holdout: dict[str, np.ndarray]
     labels: np.ndarray | None
     source: str
     rows: int
+    windows: tuple[dict[str, Any], ...] = ()
+
+
+# A drift event's rows start where the detection window that opened it started; when the
+# event does not say, this far before it opened (the default drift window is one hour).
+EVENT_LOOKBACK = timedelta(hours=1)
+# Too few rows since an event: the most recent older rows top the set up to this many.
+MIN_FRESH_ROWS = 128
 
 
 def production_data(
@@ -30,12 +44,19 @@ def production_data(
     inputs: list[Any],
     *,
     window: timedelta = timedelta(days=7),
+    since: datetime | None = None,
     size: int = 512,
     min_rows: int = 48,
+    min_fresh_rows: int = MIN_FRESH_ROWS,
     holdout_fraction: float = 0.5,
     seed: int = 0,
 ) -> TuningData:
-    """Up to ``size`` raw input rows of ``model:version`` spread evenly over the window.
+    """Up to ``size`` raw input rows served by ``version``'s lineage, spread evenly over time.
+
+    Every version that shares ``version``'s source counts (tuned versions take the same
+    inputs). Without ``since`` the rows span the last ``window``; with it, only rows from
+    ``since`` onward (what production sends now), topped up with the most recent older rows
+    in ``window`` when fewer than ``min_fresh_rows`` arrived since then.
 
     ``inputs`` are the ONNX model's input specs (``name``, ``dtype``); stored arrays named
     like the inputs are used as they are, and a single unnamed input (``arg0``) maps to a
@@ -45,20 +66,108 @@ def production_data(
         NotEnoughSamples: fewer than ``min_rows`` usable raw samples are stored.
     """
     end = utcnow()
-    rows = [
-        r for r in read_samples(db, model, version, start=end - window, end=end, with_raw=True)
-        if r.raw
-    ]  # fmt: skip
+    versions = lineage(db, model, version)
+    start = end - window
+    fresh = _raw_rows(db, model, versions, max(start, since) if since else start, end)
+    older: list[SampleRow] = []
+    if since is not None and len(fresh) < min_fresh_rows:
+        older = _raw_rows(db, model, versions, start, since)[-(min_fresh_rows - len(fresh)) :]
+    rows = older + fresh
     if len(rows) < min_rows:
         raise NotEnoughSamples(
             f"model {model!r} version {version!r} has {len(rows)} stored raw input samples in "
             f"the last {window}; at least {min_rows} are needed. Send more traffic, raise "
             "sample_rate, log inputs with Monitor.log, or pass a dataset (--dataset FILE.npz)"
         )
-    picked = np.linspace(0, len(rows) - 1, num=min(size, len(rows))).round().astype(int)
-    arrays = [_match(rows[i].raw or {}, inputs) for i in sorted(set(picked.tolist()))]
+    picked = sorted(set(_spread(len(rows), size)))
+    arrays = [_match(rows[i].raw or {}, inputs) for i in picked]
     feeds = {spec.name: np.stack([a[spec.name] for a in arrays]) for spec in inputs}
-    return split(feeds, None, holdout_fraction, seed, f"production samples of {model}:{version}")
+    n_old = sum(1 for i in picked if i < len(older))
+    windows = _windows(since or start, end, len(picked) - n_old, older, n_old, since)
+    label = f"production samples of {model}:{version}"
+    if len(versions) > 1 or since is not None:
+        label += " (" + "; ".join(w["label"] for w in windows) + ")"
+    return replace(split(feeds, None, holdout_fraction, seed, label), windows=windows)
+
+
+def lineage(db: Database, model: str, version: str) -> list[str]:
+    """The versions of ``model`` that share ``version``'s source (``version`` included)."""
+    info = get_version(db, model, version)
+    same = [v.version for v in list_versions(db, model) if v.source == info.source]
+    return same or [version]
+
+
+def _raw_rows(
+    db: Database, model: str, versions: list[str], start: datetime, end: datetime
+) -> list[SampleRow]:
+    """Stored samples with raw rows of any of ``versions`` in ``[start, end)``, oldest first."""
+    rows = [
+        r for v in versions
+        for r in read_samples(db, model, v, start=start, end=end, with_raw=True) if r.raw
+    ]  # fmt: skip
+    return sorted(rows, key=lambda r: (r.ts, r.id))
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """Indices of ``k`` rows spread evenly over ``n`` (all of them when ``k >= n``)."""
+    if n <= 0 or k <= 0:
+        return []
+    return np.linspace(0, n - 1, num=min(k, n)).round().astype(int).tolist()
+
+
+def _windows(
+    start: datetime, end: datetime, fresh: int, older: list[SampleRow], n_old: int,
+    since: datetime | None,
+) -> tuple[dict[str, Any], ...]:  # fmt: skip
+    """Describe the time windows the rows came from and how many rows each gave."""
+    what = "since the event's detection window" if since is not None else "recent window"
+    out = [{"label": f"{fresh} rows {what} {start.isoformat()} .. {end.isoformat()}",
+            "kind": "fresh" if since is not None else "window",
+            "start": start.isoformat(), "end": end.isoformat(), "rows": fresh}]  # fmt: skip
+    if n_old:
+        first, last = older[0].ts.isoformat(), older[-1].ts.isoformat()
+        out.append({"label": f"{n_old} most recent older rows {first} .. {last} (top-up)",
+                    "kind": "top_up", "start": first, "end": last, "rows": n_old})  # fmt: skip
+    return tuple(out)
+
+
+def event_since(db: Database, event_id: int, lookback: timedelta = EVENT_LOOKBACK) -> datetime:
+    """Where the rows that reflect an event start: its opening minus the detection window.
+
+    Drift events record their ``current_window`` and latency events their ``recent`` window
+    (the window's length is what counts: a later update moves the window, not the opening);
+    for any other event, ``lookback`` before it opened.
+
+    Raises:
+        NotFound: no event has that id.
+    """
+    with db.session() as s:
+        row = s.get(schema.Event, event_id)
+        if row is None:
+            raise NotFound(f"event {event_id} does not exist: see `tunewatch events`")
+        opened, details = as_utc(row.opened_at), dict(row.details or {})
+    for key in ("current_window", "recent", "window"):
+        bounds = details.get(key)
+        if isinstance(bounds, list | tuple) and len(bounds) == 2 and all(bounds):
+            try:
+                first, last = (as_utc(datetime.fromisoformat(str(b))) for b in bounds)
+            except ValueError:
+                continue
+            return opened - max(last - first, timedelta(0))
+    return opened - lookback
+
+
+def request_since(db: Database, request_id: int) -> datetime | None:
+    """The fresh-data start of a retune request made by an event (None without an event)."""
+    with db.session() as s:
+        row = s.get(schema.RetuneRequest, request_id)
+        event_id = row.event_id if row is not None else None
+    if event_id is None:
+        return None
+    try:
+        return event_since(db, event_id)
+    except NotFound:
+        return None
 
 
 def _match(raw: dict[str, np.ndarray], inputs: list[Any]) -> dict[str, np.ndarray]:

@@ -6,6 +6,11 @@ pass the accuracy guard, batch-searches those under the runtime that screened fa
 threads and spinning for the leaders at their best batch size, and re-measures close
 contenders before naming a winner. ``exhaustive=True`` instead runs the full batch search for
 every guard-passing variant under every runtime option.
+
+Every variant is built from the model's source (the version a user registered) and judged
+against the source's outputs. The serving champion may enter as the ``incumbent``: guarded,
+screened and batch-searched the same way under its own registered runtime options, never
+rebuilt and never the winner, so the caller can ask whether the winner beats what serves now.
 """
 
 from __future__ import annotations
@@ -117,9 +122,42 @@ class Trial:
         }
 
 
+INCUMBENT = "incumbent"
+
+
+@dataclass(frozen=True)
+class Incumbent:
+    """The serving champion as a contender: its version, verified artifact and runtime."""
+
+    version: str
+    path: Path
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+
+def incumbent_options(config: Mapping[str, Any]) -> RuntimeOptions:
+    """The runtime options a version serves under, from its registered ``runtime`` config.
+
+    A version registered by a user has none: a deployment then runs ORT's default intra-op
+    thread count (all cores) without spinning, so that is how it is measured.
+    """
+    from tuner.onnx_tools import cpu_count
+
+    runtime = dict(config.get("runtime") or {})
+    return RuntimeOptions(
+        threads=int(runtime.get("threads") or 0) or cpu_count(),
+        spinning=bool(runtime.get("spinning", False)),
+        graph_optimization=str(runtime.get("graph_optimization", "all")),
+        provider=str(runtime.get("provider") or CPU),
+    )
+
+
 @dataclass(frozen=True)
 class TuneResult:
-    """Every trial (best first), the winner, the skipped candidates and how the search ran."""
+    """Every trial (best first), the winner, the skipped candidates and how the search ran.
+
+    ``incumbent`` is the serving champion's trial when it entered the run (it is also on the
+    leaderboard, and never the winner).
+    """
 
     leaderboard: list[Trial]
     winner: Trial | None
@@ -131,10 +169,12 @@ class TuneResult:
     elapsed_s: float
     measurements: int
     screen_batch_size: int | None
+    incumbent: Trial | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return JSON-serialisable values."""
         return {
+            "incumbent": self.incumbent.to_dict() if self.incumbent else None,
             "leaderboard": [t.to_dict() for t in self.leaderboard],
             "winner": self.winner.name if self.winner else None,
             "skipped": [s.to_dict() for s in self.skipped],
@@ -191,12 +231,14 @@ def tune(
     measure: MeasureConfig = MeasureConfig(),
     finalists: int = 3,
     screen_batch_size: int | None = None,
+    incumbent: Incumbent | None = None,
 ) -> TuneResult:
     """Build, guard and measure the variants of ``base_onnx``; return the leaderboard and winner.
 
-    The champion is ``base_onnx`` itself; every candidate's outputs on ``holdout`` are compared
-    with its outputs under ``tolerance``. ``objective="throughput"`` maximizes items/s with p95
-    <= ``slo_ms``; ``"latency"`` minimizes p95 at batch 1. The smart search screens at
+    ``base_onnx`` is the source model and the guard's reference: every candidate's (and the
+    ``incumbent``'s) outputs on ``holdout`` are compared with its outputs under ``tolerance``.
+    ``objective="throughput"`` maximizes items/s with p95 <= ``slo_ms``; ``"latency"``
+    minimizes p95 at batch 1. The smart search screens at
     ``screen_batch_size`` (halved until the baseline meets the SLO), or by default at the batch
     size the baseline's own batch search picks: variants can rank differently at batch 32 than
     at the batch size they will serve at.
@@ -214,7 +256,7 @@ def tune(
     )
     data = _Data(calibration, holdout, labels)
     search = _Search(Path(base_onnx), Path(workdir), data, settings, torch_module, progress)
-    return search.run(exhaustive)
+    return search.run(exhaustive, incumbent)
 
 
 @dataclass(frozen=True)
@@ -275,14 +317,18 @@ class _Search:
         self.screen_batch = max(1, min(wanted, self.space.max_batch_size))
         self.progress = progress or (lambda step, done, total: None)
         self.measurements = 0
-        champion = _outputs(open_runner(_base_candidate(base), RuntimeOptions()), self.holdout)
+        reference = _outputs(open_runner(_base_candidate(base), RuntimeOptions()), self.holdout)
         self.guard = AccuracyGuard(
-            champion, labels=data.labels, task=settings.task, tolerance=settings.tolerance
+            reference, labels=data.labels, task=settings.task, tolerance=settings.tolerance
         )
+        self.incumbent: _Entry | None = None
 
-    def run(self, exhaustive: bool) -> TuneResult:
+    def run(self, exhaustive: bool, incumbent: Incumbent | None = None) -> TuneResult:
         """Run the smart or the exhaustive strategy and assemble the result."""
         import onnxruntime as ort
+
+        if incumbent is not None:
+            self.incumbent = self._incumbent_entry(incumbent)
 
         specs, skipped = enumerate_candidates(
             self.space,
@@ -294,10 +340,15 @@ class _Search:
             if exhaustive:
                 entries += self._retry_all(entries)
                 self._exhaustive(entries)
+                self._measure_incumbent()
             else:
                 self._smart(entries)
-        trials = _leaderboard([self._trial(e) for e in entries], self.objective)
-        winner = next((t for t in trials if _eligible(t, self.objective, self.slo_ms)), None)
+        inc = self._trial(self.incumbent) if self.incumbent is not None else None
+        trials = _leaderboard([self._trial(e) for e in entries] + ([inc] if inc else []),
+                              self.objective)  # fmt: skip
+        winner = next(
+            (t for t in trials if t is not inc and _eligible(t, self.objective, self.slo_ms)), None
+        )
         return TuneResult(
             leaderboard=trials,
             winner=winner,
@@ -309,6 +360,7 @@ class _Search:
             elapsed_s=time.perf_counter() - self.started,
             measurements=self.measurements,
             screen_batch_size=None if exhaustive else self.screen_batch,
+            incumbent=inc,
         )
 
     # -- building and guarding -------------------------------------------------------------
@@ -322,8 +374,34 @@ class _Search:
         self.progress("build", len(specs), len(specs))
         return entries
 
+    def _incumbent_entry(self, incumbent: Incumbent) -> _Entry:
+        """The serving champion as an entry: not built, only checked against the source."""
+        spec = CandidateSpec(INCUMBENT, "incumbent", {"version": incumbent.version},
+                             incumbent.options.provider)  # fmt: skip
+        built = BuiltCandidate(spec, Path(incumbent.path))
+        entry = _Entry(spec, built, options=incumbent.options)
+        self.progress(f"guard {INCUMBENT} {incumbent.version}", 0, 1)
+        try:
+            entry.sha256 = sha256_file(incumbent.path)
+            outputs = _outputs(open_runner(built, RuntimeOptions()), self.holdout)
+        except Exception as exc:  # ORT raises private types; a broken incumbent just loses
+            entry.error, entry.stage = f"cannot run: {type(exc).__name__}: {exc}", "failed"
+            return entry
+        entry.guard, entry.stage = self.guard.check(outputs), INCUMBENT
+        return entry
+
+    def _measure_incumbent(self) -> None:
+        """Screen and batch-search the incumbent like a finalist, under its own runtime."""
+        e = self.incumbent
+        if e is None or e.built is None or e.error:
+            return
+        self.progress(f"batch search {INCUMBENT}", 0, 1)
+        e.screen = self._measure(e, e.options, self.screen_batch)
+        e.search = self._search(e, e.options)
+        e.stage = INCUMBENT
+
     def _build(self, spec: CandidateSpec, earlier: list[_Entry]) -> _Entry:
-        """Build one candidate and check its outputs against the champion's."""
+        """Build one candidate and check its outputs against the source's."""
         entry = _Entry(spec)
         try:
             entry.built = build_candidate(spec, self.ctx)
@@ -445,7 +523,8 @@ class _Search:
             self.progress(f"runtime {e.spec.name}", i, len(leaders))
             self._tune_runtime(e)
         self.progress("tune", len(finals), len(finals))
-        self._confirm(finals)
+        self._measure_incumbent()
+        self._confirm(finals + [e for e in [self.incumbent] if e is not None and e.search])
 
     def _close_contenders(self, finals: list[_Entry], margin: float) -> list[_Entry]:
         """Return the finalists whose best point is within ``margin`` of the top one."""
@@ -793,9 +872,9 @@ def _checked(feeds: Feeds, what: str, minimum: int) -> Feeds:
 
 
 def _base_candidate(base: Path) -> BuiltCandidate:
-    """Wrap the champion model as a built candidate so it runs like the others."""
+    """Wrap the source model (the guard's reference) as a built candidate to run it."""
     load_session(base)  # fail early, with the path in the message, if it cannot load
-    return BuiltCandidate(CandidateSpec("champion", "fp32"), base)
+    return BuiltCandidate(CandidateSpec("source", "fp32"), base)
 
 
 def _outputs(runner: Runner, feeds: Feeds, chunk: int = 64) -> np.ndarray:

@@ -1,4 +1,7 @@
-"""Accuracy guard: a candidate must give the champion's answers on held-out samples.
+"""Accuracy guard: a candidate must give the reference model's answers on held-out samples.
+
+The reference is the model's source (the version a user registered), never a derived champion:
+after drift a stale champion is the degraded model, and agreeing with it proves nothing.
 
 The task decides what "the same answers" means: top-1 agreement for classification, cosine
 similarity for embeddings, absolute/relative error for regression; plus accuracy against labels
@@ -23,12 +26,13 @@ MAX_AUTO_CLASSES = 128
 
 @dataclass(frozen=True)
 class Tolerance:
-    """How far a candidate may drift from the champion; ``None`` disables a check.
+    """How far a candidate may drift from the reference; ``None`` disables a check.
 
     Accuracy drops are fractions (0.005 = half a point); ``max_relative_accuracy_drop`` is a
-    fraction of the champion's accuracy. ``max_rel_error`` divides the mean absolute error by the
-    champion's mean absolute output. ``max_mae_increase`` bounds a regression's MAE against labels
-    relative to the champion's MAE.
+    fraction of the reference's accuracy. ``max_rel_error`` divides the mean absolute error by the
+    reference's mean absolute output. ``max_mae_increase`` bounds a regression's MAE against
+    labels relative to the reference's MAE. (Metric names keep the historical ``_champion``
+    suffix for the reference's own figures: ``accuracy_champion``, ``mae_champion``.)
     """
 
     min_top1_agreement: float | None = 0.99
@@ -88,7 +92,7 @@ def detect_task(champion_output: np.ndarray, labels: np.ndarray | None = None) -
 
 
 class AccuracyGuard:
-    """Compare candidates' outputs with the champion's on the same held-out samples.
+    """Compare candidates' outputs with the reference's (the source's) on the same rows.
 
     >>> import numpy as np
     >>> champion = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.5]])
@@ -104,13 +108,13 @@ class AccuracyGuard:
 
     def __init__(
         self,
-        champion_output: np.ndarray,
+        reference_output: np.ndarray,
         *,
         labels: np.ndarray | None = None,
         task: Task | None = None,
         tolerance: Tolerance = Tolerance(),
     ) -> None:
-        self.champion = np.asarray(champion_output, dtype=np.float64)
+        self.champion = np.asarray(reference_output, dtype=np.float64)  # the reference
         self.labels = None if labels is None else np.asarray(labels)
         if self.labels is not None and len(self.labels) != len(self.champion):
             raise TunerError(
@@ -126,7 +130,7 @@ class AccuracyGuard:
         """Return whether ``candidate_output`` stays within the tolerance, and why."""
         out = np.asarray(candidate_output, dtype=np.float64)
         if out.shape != self.champion.shape:
-            reason = f"output shape {out.shape} differs from the champion's {self.champion.shape}"
+            reason = f"output shape {out.shape} differs from the reference's {self.champion.shape}"
             return GuardResult(False, reason, {})
         if not np.all(np.isfinite(out)):
             bad = int(np.size(out) - np.isfinite(out).sum())

@@ -77,6 +77,7 @@ def job_specs(settings: Settings) -> list[JobSpec]:
             "tuner.jobs:experiment_analysis",
             settings.analysis_job_interval_s,
         ),
+        JobSpec("fidelity", "tuner.jobs:fidelity", settings.fidelity_job_interval_s),
     ]
     return specs + parse_extra_jobs(settings.extra_jobs)
 
@@ -220,8 +221,7 @@ def retune() -> dict[str, Any]:
                 objective=settings.tune_objective, retune_request_id=request.id,
                 quick=settings.tune_quick,
             )  # fmt: skip
-            winner = outcome.winner.version if outcome.winner else "none"
-            mark_request(db, request.id, "done", f"tuning run {outcome.run_id}: winner {winner}")
+            mark_request(db, request.id, *_request_result(outcome))
         except Exception as exc:
             mark_request(db, request.id, "failed", str(exc)[:2000])
     return {"handled": len(done)}
@@ -239,8 +239,20 @@ def _claim_request(db: Database, request_id: int) -> bool:
         return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
 
+def _request_result(outcome: Any) -> tuple[str, str]:
+    """A retune request's status and note from its tuning run's outcome.
+
+    ``done`` when a winner was registered; ``no_change`` (with the reason) when nothing beat
+    the incumbent, so nobody mistakes it for a fix.
+    """
+    if outcome.outcome == "no_change":
+        return "no_change", f"tuning run {outcome.run_id}: no change: {outcome.reason}"
+    winner = outcome.winner.version if outcome.winner else "none"
+    return "done", f"tuning run {outcome.run_id}: winner {winner} ({outcome.reason})"
+
+
 def mark_request(db: Database, request_id: int, status: str, note: str) -> None:
-    """Record what happened to a retune request."""
+    """Record what happened to a retune request (pending, running, done, no_change, failed)."""
     with db.session() as s:
         row = s.get(schema.RetuneRequest, request_id)
         if row is not None:
@@ -261,3 +273,11 @@ def experiment_analysis() -> dict[str, Any]:
                       "reason": v.reason, "promotion_id": v.promotion_id} for v in verdicts],
         "watched": watched,
     }  # fmt: skip
+
+
+def fidelity() -> dict[str, Any]:
+    """Replay each champion's recent inputs through it and its source (fidelity_drop events)."""
+    from tuner.fidelity import run_fidelity
+
+    settings, db = context()
+    return {"checks": [c.to_dict() for c in run_fidelity(db, settings)]}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tuner.engine import Trial, TuneResult
 
@@ -25,8 +26,28 @@ class ReportPaths:
         return {"markdown": str(self.markdown), "plot": str(self.plot), "json": str(self.json)}
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What a tuning run decided and on which data, for the report's header."""
+
+    outcome: str
+    reason: str
+    source_version: str
+    incumbent: dict[str, Any] | None
+    data: str
+    windows: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return JSON-serialisable values."""
+        return {**asdict(self), "windows": list(self.windows)}
+
+
 def write_report(
-    result: TuneResult, out_dir: Path, *, title: str = "tunewatch tuning report"
+    result: TuneResult,
+    out_dir: Path,
+    *,
+    title: str = "tunewatch tuning report",
+    context: RunContext | None = None,
 ) -> ReportPaths:
     """Write ``report.md``, ``latency_throughput.png`` and ``result.json`` into ``out_dir``."""
     out_dir = Path(out_dir)
@@ -35,25 +56,33 @@ def write_report(
         out_dir / "report.md", out_dir / "latency_throughput.png", out_dir / "result.json"
     )
     plot_curves(result, paths.plot)
-    paths.markdown.write_text(render_markdown(result, title, paths.plot.name), encoding="utf-8")
-    paths.json.write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+    markdown = render_markdown(result, title, paths.plot.name, context=context)
+    paths.markdown.write_text(markdown, encoding="utf-8")
+    payload = {**result.to_dict(), **({"run": context.to_dict()} if context else {})}
+    paths.json.write_text(json.dumps(payload, indent=2), encoding="utf-8")
     return paths
 
 
-def render_markdown(result: TuneResult, title: str, plot_name: str) -> str:
-    """Return the report's Markdown: summary, leaderboard, skipped candidates, plot."""
+def render_markdown(
+    result: TuneResult, title: str, plot_name: str, *, context: RunContext | None = None
+) -> str:
+    """Return the report's Markdown: outcome, data, incumbent, leaderboard, skipped, plot."""
     winner = result.winner
     lines = [
         f"# {title}",
         "",
+        *(_context_lines(context) if context else []),
         f"- Objective: {result.objective} (p95 SLO {result.slo_ms:g} ms); task: {result.task}",
         f"- Search: {result.mode}, {result.measurements} measurements in {result.elapsed_s:.1f} s",
         f"- Winner: {_winner_line(winner)}",
         "",
         "## Leaderboard",
         "",
+        "Fidelity is measured against the source's outputs on held-out rows (and labels when "
+        "given); the incumbent is the serving champion, measured the same way.",
+        "",
         "| # | candidate | passed | items/s | batch | runtime | p50 @1 (ms) | p95 @1 (ms) "
-        "| accuracy | reason |",
+        "| fidelity to source | reason |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_row(i, t) for i, t in enumerate(result.leaderboard, 1)]
@@ -62,6 +91,26 @@ def render_markdown(result: TuneResult, title: str, plot_name: str) -> str:
         lines += [f"| {s.name} | {_cell(s.reason)} |" for s in result.skipped]
     lines += ["", "## Latency vs throughput", "", f"![latency vs throughput]({plot_name})", ""]
     return "\n".join(lines)
+
+
+def _context_lines(c: RunContext) -> list[str]:
+    """Return the header lines: outcome and reason, source, data windows, incumbent."""
+    lines = [
+        f"- Outcome: **{c.outcome}**: {c.reason}",
+        f"- Built from and judged against the source version {c.source_version}",
+        f"- Data: {c.data}",
+    ]
+    lines += [f"  - {w.get('label', '')}" for w in c.windows]
+    inc = c.incumbent
+    if inc:
+        fidelity = ", ".join(f"{k} {v:.4f}" for k, v in inc.get("fidelity", {}).items())
+        lines.append(
+            f"- Incumbent {inc.get('version')}: {'passes' if inc.get('passed') else 'FAILS'} "
+            f"the guard on today's data ({fidelity or 'not measured'}); "
+            f"{_num(inc.get('throughput'))} items/s at batch {inc.get('batch_size') or '-'}, "
+            f"p95 @1 {_num(inc.get('latency_p95_ms'), 3)} ms"
+        )
+    return lines
 
 
 def _winner_line(winner: Trial | None) -> str:

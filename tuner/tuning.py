@@ -1,26 +1,41 @@
-"""A tuning run end to end: data, candidates, guard, batch search, registry, report, records."""
+"""A tuning run end to end: data, candidates, guard, batch search, registry, report, records.
+
+Candidates are always built from the model's source (the version a user registered) and judged
+against the source's outputs on fresh production rows. The serving champion enters as the
+``incumbent``; a winner is registered only when it beats the incumbent's objective by
+``min_gain`` or the incumbent no longer passes the guard. Otherwise the run's outcome is
+``no_change`` with the reason in words.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from monitor import schema
-from monitor.registry import VersionInfo, champion
+from monitor.registry import VersionInfo, champion, source_of
 from monitor.settings import Settings
 from monitor.storage import Database, utcnow
 from tuner import registry
-from tuner.data import TuningData, dataset_file, production_data
+from tuner.data import TuningData, dataset_file, production_data, request_since
 
 Progress = Callable[[str, int, int], None]
+# A winner must beat the incumbent's objective by this fraction to be worth an experiment.
+MIN_GAIN = 0.05
+REGISTERED, NO_CHANGE = "registered", "no_change"
 
 
 @dataclass(frozen=True)
 class TuningOutcome:
-    """What ``tunewatch tune`` reports: the run, the whole leaderboard and the winner."""
+    """What ``tunewatch tune`` reports: the run, the whole leaderboard, the winner, the outcome.
+
+    ``outcome`` is ``registered`` (``winner`` is the new candidate version) or ``no_change``
+    (``winner`` is None; ``reason`` says why). ``base_version`` is the source candidates were
+    built from; ``incumbent`` describes the champion measured in the same run.
+    """
 
     run_id: int
     model: str
@@ -31,6 +46,15 @@ class TuningOutcome:
     plot: str
     data_source: str
     speedup: float | None
+    outcome: str = REGISTERED
+    reason: str = ""
+    incumbent: dict[str, Any] | None = None
+    data_windows: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def source_version(self) -> str:
+        """The registered version every candidate was built from."""
+        return self.base_version
 
     def to_dict(self) -> dict[str, Any]:
         """The stable ``--json`` form."""
@@ -47,7 +71,10 @@ class TuningOutcome:
             }  # fmt: skip
         return {
             "run_id": self.run_id, "model": self.model, "base_version": self.base_version,
+            "source_version": self.source_version, "outcome": self.outcome,
+            "reason": self.reason, "incumbent": self.incumbent,
             "objective": r.objective, "slo_ms": r.slo_ms, "data": self.data_source,
+            "data_windows": list(self.data_windows),
             "leaderboard": [t.to_dict() for t in r.leaderboard], "winner": winner,
             "skipped": [s.to_dict() for s in r.skipped], "speedup": self.speedup,
             "report": self.report, "plot": self.plot, "elapsed_s": r.elapsed_s,
@@ -69,27 +96,42 @@ def run_tuning(
     measure: Any = None,
     quick: bool = False,
     window: timedelta = timedelta(days=7),
+    since: datetime | None = None,
     progress: Progress | None = None,
     retune_request_id: int | None = None,
+    min_gain: float = MIN_GAIN,
 ) -> TuningOutcome:
-    """Tune ``model``'s champion on production samples (or ``dataset``); register the winner.
+    """Rebuild ``model``'s fast variants from its source; register a winner that beats the champion.
+
+    Rows come from production samples of every version of the source (or ``dataset``): from
+    ``since`` onward when given, else from the event behind ``retune_request_id``'s window
+    onward, else the last ``window``.
 
     Raises:
         NotEnoughSamples: too few stored samples (the message says how many are needed).
-        ArtifactError: the champion's artifact fails its sha256 check.
+        ArtifactError: the source's or the champion's artifact fails its sha256 check.
+        TunerError: ``min_gain`` is negative.
     """
-    from tuner.engine import tune
+    from tuner.engine import Incumbent, incumbent_options, tune
+    from tuner.errors import TunerError
     from tuner.onnx_tools import describe_inputs
 
-    base = champion(db, model)
-    path = registry.verified_artifact(base)
+    if min_gain < 0:
+        raise TunerError(f"min_gain={min_gain} must be 0 or more (0.05 = 5 % faster)")
+    current = champion(db, model)
+    source = source_of(db, current)
+    path = registry.verified_artifact(source)
+    incumbent = Incumbent(current.version, registry.verified_artifact(current),
+                          incumbent_options(current.config))  # fmt: skip
     inputs = describe_inputs(path)
+    if since is None and retune_request_id is not None:
+        since = request_since(db, retune_request_id)
     if data is None:
         data = (
             dataset_file(dataset, inputs) if dataset
-            else production_data(db, model, base.version, inputs, window=window)
+            else production_data(db, model, current.version, inputs, window=window, since=since)
         )  # fmt: skip
-    run_id = _start_run(db, model, base.version, slo_ms, objective, retune_request_id)
+    run_id = _start_run(db, model, source.version, slo_ms, objective, retune_request_id)
     workdir = Path(settings.artifacts_dir).resolve() / model / "tuning" / f"run-{run_id}"
     try:
         kwargs: dict[str, Any] = quick_options() if quick else {}
@@ -99,13 +141,81 @@ def run_tuning(
         result = tune(
             path, calibration=data.calibration, holdout=data.holdout, labels=data.labels,
             slo_ms=slo_ms, objective=objective,  # type: ignore[arg-type]
-            workdir=workdir, torch_module=torch_module or _torch_module(base),
-            progress=progress, **kwargs,
+            workdir=workdir, torch_module=torch_module or _torch_module(source),
+            progress=progress, incumbent=incumbent, **kwargs,
         )  # fmt: skip
     except Exception as exc:
         _fail_run(db, run_id, exc)
         raise
-    return _finish(db, settings, run_id, base, result, workdir, data.source)
+    run = _Run(run_id, source, current, data, min_gain)
+    return _finish(db, settings, run, result, workdir)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What a finished search is judged and recorded with."""
+
+    run_id: int
+    source: VersionInfo
+    incumbent: VersionInfo
+    data: TuningData
+    min_gain: float
+
+
+def judge(winner: Any, incumbent: Any, objective: str, min_gain: float) -> tuple[str, str]:
+    """Return (outcome, reason): does ``winner`` replace the ``incumbent`` trial?
+
+    A winner is registered when it beats the incumbent's objective by ``min_gain`` (throughput,
+    or the inverse of p95 latency), or when the incumbent fails the guard on today's data and
+    the winner passes it.
+    """
+    if winner is None:
+        return NO_CHANGE, "no candidate passed the guard and the SLO"
+    if incumbent is None:
+        return REGISTERED, f"{winner.name} passed the guard (no incumbent measured)"
+    if not incumbent.passed:
+        why = incumbent.reason.split(";")[0]
+        return REGISTERED, (
+            f"the incumbent fails on today's data ({why}) and {winner.name} passes the guard"
+        )
+    ratio = _gain(winner, incumbent, objective)
+    what = "throughput" if objective == "throughput" else "speed (1 / p95 latency at batch 1)"
+    if ratio is None:
+        return NO_CHANGE, f"the incumbent's {what} could not be compared with {winner.name}'s"
+    verdict = f"best candidate {winner.name} is x{ratio:.2f} the incumbent's {what}"
+    if ratio >= 1 + min_gain - 1e-9:
+        return REGISTERED, f"{verdict} (needs x{1 + min_gain:.2f})"
+    return NO_CHANGE, f"{verdict}; needs x{1 + min_gain:.2f}"
+
+
+def _gain(winner: Any, incumbent: Any, objective: str) -> float | None:
+    """The winner's objective as a multiple of the incumbent's (higher is better)."""
+    if objective == "throughput":
+        a, b = incumbent.throughput, winner.throughput
+    else:
+        a, b = winner.latency_p95_ms, incumbent.latency_p95_ms
+    if not a or not b:
+        return None
+    return float(b) / float(a)
+
+
+def objective_value(trial: Any, objective: str) -> float | None:
+    """A trial's figure for the objective: items/s, or p95 ms at batch 1."""
+    return trial.throughput if objective == "throughput" else trial.latency_p95_ms
+
+
+def incumbent_summary(trial: Any, version: str, objective: str) -> dict[str, Any]:
+    """The incumbent as ``tune --json`` reports it: fidelity on today's data and its speed."""
+    return {
+        "version": version, "fidelity": dict(trial.accuracy) if trial else {},
+        "passed": bool(trial.passed) if trial else False,
+        "reason": trial.reason if trial else "not measured",
+        "throughput": trial.throughput if trial else None,
+        "latency_p50_ms": trial.latency_p50_ms if trial else None,
+        "latency_p95_ms": trial.latency_p95_ms if trial else None,
+        "batch_size": trial.best_batch_size if trial else None,
+        "objective": objective_value(trial, objective) if trial else None,
+    }  # fmt: skip
 
 
 def quick_options() -> dict[str, Any]:
@@ -161,33 +271,43 @@ def _fail_run(db: Database, run_id: int, exc: Exception) -> None:
             run.status, run.finished_at, run.error = "failed", utcnow(), repr(exc)
 
 
-def _finish(
-    db: Database, settings: Settings, run_id: int, base: VersionInfo, result: Any,
-    workdir: Path, source: str,
-) -> TuningOutcome:  # fmt: skip
-    from tuner.report import write_report
+def _finish(db: Database, settings: Settings, r: _Run, result: Any, workdir: Path) -> TuningOutcome:
+    from tuner.report import RunContext, write_report
 
-    paths = write_report(result, workdir, title=f"Tuning run {run_id}: {base.model}")
+    w = serving_winner(result)
+    outcome, reason = judge(w, result.incumbent, result.objective, r.min_gain)
+    incumbent = incumbent_summary(result.incumbent, r.incumbent.version, result.objective)
+    context = RunContext(outcome, reason, r.source.version, incumbent, r.data.source,
+                         r.data.windows)  # fmt: skip
+    paths = write_report(
+        result, workdir, title=f"Tuning run {r.run_id}: {r.source.model}", context=context
+    )
     report, plot = paths.markdown, paths.plot
     baseline = next((t for t in result.leaderboard if t.name == "ort-fp32"), None)
-    winner_info = _register_winner(db, settings, run_id, base, result)
-    w = serving_winner(result)
+    winner_info = (
+        _register_winner(db, settings, r.run_id, r.source, result) if outcome == REGISTERED
+        else None
+    )  # fmt: skip
     base_tp, win_tp, speedup = speedup_over(baseline, w)
     with db.session() as s:
-        run = s.get(schema.TuningRun, run_id)
+        run = s.get(schema.TuningRun, r.run_id)
         assert run is not None
-        run.status, run.finished_at = "done", utcnow()
+        run.status, run.finished_at, run.outcome = "done", utcnow(), outcome
         run.winner_version = winner_info.version if winner_info else None
         run.baseline_throughput, run.winner_throughput = base_tp, win_tp
         run.speedup, run.report_path, run.plot_path = speedup, str(report), str(plot)
-        run.summary = {"data": source, "elapsed_s": result.elapsed_s, "mode": result.mode,
+        run.summary = {"data": r.data.source, "data_windows": list(r.data.windows),
+                       "elapsed_s": result.elapsed_s, "mode": result.mode,
+                       "outcome": outcome, "reason": reason, "incumbent": incumbent,
+                       "source_version": r.source.version,
                        "skipped": [x.to_dict() for x in result.skipped]}  # fmt: skip
         for t in result.leaderboard:
-            s.add(_trial_row(run_id, t, w))
+            s.add(_trial_row(r.run_id, t, w if winner_info else None))
     if winner_info is not None:
         _maybe_start_experiment(db, settings, winner_info)
-    return TuningOutcome(run_id, base.model, base.version, result, winner_info, str(report),
-                         str(plot), source, speedup)  # fmt: skip
+    return TuningOutcome(r.run_id, r.source.model, r.source.version, result, winner_info,
+                         str(report), str(plot), r.data.source, speedup, outcome, reason,
+                         incumbent, r.data.windows)  # fmt: skip
 
 
 def _maybe_start_experiment(db: Database, settings: Settings, winner: VersionInfo) -> None:
@@ -245,6 +365,7 @@ def serving_winner(result: Any) -> Any:
         return result.winner
     return next(
         (t for t in result.leaderboard if t.passed and t.artifact and t.throughput
+         and t.config.get("kind") != "incumbent"
          and t.config.get("runtime_engine", "onnxruntime") == "onnxruntime"),
         None,
     )  # fmt: skip
