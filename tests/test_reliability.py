@@ -171,3 +171,42 @@ def test_a_call_whose_input_cannot_be_sampled_loses_only_its_sample(sqlite_url: 
     assert count_samples(db, "mixed") == 100
     db.dispose()
     assert status.drops_by_reason == {"internal_error": 1}
+
+
+def test_huge_sampled_inputs_are_capped_before_conversion_and_flushes_go_on(
+    sqlite_url: str,
+) -> None:
+    from monitor.storage import count_samples
+
+    tall = np.zeros((6_500_000, 1), dtype=np.float32)
+    wide = np.ones((102_400, 64), dtype=np.float32)
+    with Monitor(sqlite_url, sample_rate=1.0, sample_cap_per_minute=1000) as mon:
+        f = mon.wrap(lambda x: x[:, :1], name="huge", version="v1")
+        f(tall)
+        f(wide)
+        for i in range(100):
+            f(np.full((1, 4), float(i)))
+        assert mon.flush(timeout=30)
+        stored = count_samples(mon.db, "huge")
+    assert _calls(sqlite_url, "huge") == 102
+    assert stored == 1000  # the per-minute cap: the first call's first 1,000 rows, nothing more
+
+
+def test_the_writer_converts_samples_within_its_budget_per_loop(sqlite_url: str) -> None:
+    from monitor.storage import Database, count_samples
+
+    mon = Monitor(sqlite_url, sample_rate=1.0)
+    f = mon.wrap(lambda x: x, name="budget", version="v1")
+    mon.close()  # the writer thread is gone: drive its steps by hand
+    for i in range(20):
+        f(np.full((3, 4), float(i)))
+    writer = mon._writer
+    writer._drain()
+    assert len(writer._extras) == 20 and len(writer._samples) == 0
+    writer._convert_extras(deadline=0.0)  # a budget already spent: one record, then stop
+    assert len(writer._extras) == 19 and len(writer._samples) == 3
+    writer._convert_extras(deadline=None)  # an explicit flush: everything
+    assert len(writer._extras) == 0 and writer._flush_once()
+    db = Database(sqlite_url)
+    assert count_samples(db, "budget") == 60
+    db.dispose()

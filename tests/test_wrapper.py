@@ -253,3 +253,19 @@ def test_an_input_that_breaks_monitoring_never_breaks_the_call(sqlite_url: str) 
         assert wrapped(Odd()) == "ok"
         mon.flush()
         assert storage.counters(mon.db)["dropped_internal_error"] == 1
+
+
+def test_torch_methods_that_return_the_module_return_the_wrapper(sqlite_url: str) -> None:
+    import torch
+
+    net = torch.nn.Linear(4, 3)
+    with Monitor(sqlite_url) as mon:
+        wrapped = mon.wrap(net, name="proxied", version="v1").eval()
+        chained = wrapped.to("cpu").cpu().float().train(False).requires_grad_(False)
+        assert chained is wrapped and wrapped.half() is wrapped and wrapped.float() is wrapped
+        assert not net.training and not net.weight.requires_grad  # the module itself changed
+        assert wrapped.parameters is not None and wrapped.state_dict().keys() == {"weight", "bias"}
+        for _ in range(3):
+            chained(torch.randn(2, 4))
+        row = _summary(mon, "proxied")
+    assert row["calls"] == 3  # telemetry kept working after .eval() and .to()
