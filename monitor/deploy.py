@@ -14,6 +14,7 @@ its state belongs to another process and builds its own sessions, poller and sha
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import threading
@@ -57,6 +58,7 @@ class _Arm:
 
     call: Runner
     acall: AsyncRunner
+    stats: Callable[[], dict[str, Any]] | None = None  # the arm's batcher counters
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,7 @@ class Deployment:
 
     def _after_fork(self) -> None:
         """In a forked child: fresh locks and events; sessions and threads wait for a call."""
+        _INHERITED.append(self._state)
         stopped = self._stop.is_set()
         self._stop = threading.Event()
         if stopped:
@@ -229,6 +232,12 @@ class Deployment:
     def routing(self) -> Routing:
         """The routing currently served."""
         return self._state.routing
+
+    def batching_stats(self) -> dict[str, dict[str, Any]]:
+        """Counters of each batched arm now served (see ``DynamicBatcher.stats``), by arm."""
+        state = self._state
+        arms = {"champion": state.champion, "challenger": state.challenger}
+        return {name: arm.stats() for name, arm in arms.items() if arm and arm.stats}
 
     # --- building states ----------------------------------------------------------------
 
@@ -285,7 +294,7 @@ class Deployment:
         per_call = self._mon.wrap(lambda feed: batcher(_as_feed(feed, names)), name=info.model,
                                   version=info.version, arm=arm)  # fmt: skip
         per_await = self._mon.wrap(submit, name=info.model, version=info.version, arm=arm)
-        return _Arm(per_call, per_await)
+        return _Arm(per_call, per_await, batcher.stats)
 
     # --- background threads -------------------------------------------------------------
 
@@ -343,6 +352,11 @@ class Deployment:
 
 
 _LIVE: weakref.WeakSet[Deployment] = weakref.WeakSet()
+# A parent's ONNX Runtime session must never be freed in a forked child: its destructor joins
+# thread-pool threads that exist only in the parent, and hangs (seen at a worker's exit). The
+# states a child inherited stay here for the life of the process, this list included.
+_INHERITED: list[_State] = []
+ctypes.pythonapi.Py_IncRef(ctypes.py_object(_INHERITED))  # never released, even at exit
 
 
 def _forked_child() -> None:
