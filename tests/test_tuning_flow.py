@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from monitor import Monitor, Settings, schema
 from monitor.registry import champion, list_versions
 from monitor.storage import Database
-from tests.tuner_fixtures import export, load_digits_split, trained_mlp
+from tests.tuner_fixtures import dead_branch, export, load_digits_split, trained_mlp
 from tuner import registry
 from tuner.cli import main
 from tuner.errors import ArtifactError, Conflict, NotEnoughSamples
@@ -30,6 +30,18 @@ def mlp_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray
 
 def _settings(url: str, tmp_path: Path) -> Settings:
     return Settings(database_url=url, artifacts_dir=str(tmp_path / "artifacts"))
+
+
+def _slow_champion(db: Database, settings: Settings, source: Path, tmp_path: Path) -> None:
+    """Serve a faithful but much slower derivative of v1, so a rebuilt winner surely beats it.
+
+    (Against an fp32 champion, whether an int8 variant is 5 % faster depends on the machine.)
+    """
+    slow = dead_branch(source, tmp_path / "slow.onnx")
+    registry.register("digits", slow, version="slow", parent_version="v1", db=db,
+                      settings=settings)  # fmt: skip
+    registry.set_status(db, "digits", "v1", "retired")
+    registry.set_status(db, "digits", "slow", "champion")
 
 
 def test_register_champion_candidate_and_list(
@@ -104,8 +116,11 @@ def test_tune_on_production_samples_registers_the_winner(
     with pytest.raises(NotEnoughSamples, match="has 20 stored raw input samples.*at least 48"):
         run_tuning(db, settings, "digits", quick=True)
     _serve_traffic(db_url, base.artifact_path, mlp_onnx[1][20:200])
+    _slow_champion(db, settings, mlp_onnx[0], tmp_path)
     outcome = run_tuning(db, settings, "digits", slo_ms=20.0, quick=True)
     out = outcome.to_dict()
+    assert out["outcome"] == "registered" and "the incumbent's throughput" in out["reason"]
+    assert (out["source_version"], out["incumbent"]["version"]) == ("v1", "slow")
     assert out["winner"] is not None and out["winner"]["version"] == f"v1-t{outcome.run_id}"
     assert out["winner"]["config"]["batch_size"] >= 1 and Path(out["winner"]["artifact"]).is_file()
     # Serving defaults for a deployment: waiting to fill a batch plus running it fits the SLO.
@@ -121,12 +136,13 @@ def test_tune_on_production_samples_registers_the_winner(
     assert {"ort-fp32", "dynamic-s8-pc", "static-minmax-u8-all"} <= names
     assert all({"passed", "reason", "config", "accuracy"} <= set(t) for t in out["leaderboard"])
     assert Path(out["report"]).read_text().count("|") > 10 and Path(out["plot"]).stat().st_size > 0
-    assert out["data"] == "production samples of digits:v1"
+    assert out["data"].startswith("production samples of digits:{v1,slow} (one source): 200 rows")
+    assert [(w["kind"], w["rows"]) for w in out["data_windows"]] == [("window", 200)]
     assert out["speedup"] is not None and out["speedup"] > 0  # measured alike, never assumed
     versions = {v.version: v for v in list_versions(db, "digits")}
     assert versions[out["winner"]["version"]].status == "candidate"
     assert versions[out["winner"]["version"]].parent_version == "v1"
-    assert champion(db, "digits").version == "v1"
+    assert champion(db, "digits").version == "slow"
     with db.session() as s:
         run = s.get(schema.TuningRun, outcome.run_id)
         trials = s.scalar(
@@ -135,6 +151,7 @@ def test_tune_on_production_samples_registers_the_winner(
             .where(schema.TuningTrial.run_id == outcome.run_id)
         )
         assert run is not None and run.status == "done" and run.winner_version is not None
+        assert run.outcome == "registered" and run.summary["incumbent"]["version"] == "slow"
     assert trials == len(out["leaderboard"])
     db.dispose()
 
@@ -148,7 +165,10 @@ def test_tune_cli_json_with_a_dataset(
 ) -> None:
     settings = _settings(sqlite_url, tmp_path)
     monkeypatch.setenv("TUNEWATCH_ARTIFACTS_DIR", settings.artifacts_dir)
-    registry.register("digits", mlp_onnx[0], settings=settings)
+    db = Database(sqlite_url)
+    registry.register("digits", mlp_onnx[0], db=db, settings=settings)
+    _slow_champion(db, settings, mlp_onnx[0], tmp_path)
+    db.dispose()
     digits = load_digits_split()
     data = tmp_path / "data.npz"
     np.savez(data, input=digits.x_holdout[:128], labels=digits.y_holdout[:128])
@@ -187,6 +207,7 @@ def test_scheduled_retune_consumes_requests_from_detection(
     db = Database(sqlite_url)
     base = registry.register("digits", mlp_onnx[0], db=db, settings=settings)
     _serve_traffic(sqlite_url, base.artifact_path, mlp_onnx[1][:120])
+    _slow_champion(db, settings, mlp_onnx[0], tmp_path)
     drift = Finding("data_drift", "digits", "v1", "", True, "warning", "inputs drifted", {})
     event = apply_finding(db, drift, retune_kinds=["data_drift"])
     assert event is not None and [r.status for r in retune_requests(db, None)] == ["pending"]

@@ -105,3 +105,34 @@ def outlier_calibration(x: np.ndarray) -> np.ndarray:
     bad = x.copy()
     bad[:, 0] = 1000.0
     return bad
+
+
+def dead_branch(mlp_onnx: Path, out: Path, width: int = 4096) -> Path:
+    """The MLP plus a wide branch multiplied by zero: the same answers, many more FLOPs.
+
+    A champion built like this is faithful to the MLP and certainly slower than anything
+    rebuilt from the MLP; as a source, everything rebuilt from it is slower than the MLP.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(mlp_onnx))
+    graph = model.graph
+    x, y = graph.input[0].name, graph.output[0].name
+    rng = np.random.default_rng(0)
+    a = numpy_helper.from_array(rng.normal(size=(64, width)).astype(np.float32), "dead_a")
+    b = numpy_helper.from_array(rng.normal(size=(width, 10)).astype(np.float32), "dead_b")
+    zero = numpy_helper.from_array(np.zeros((1,), np.float32), "dead_zero")
+    graph.initializer.extend([a, b, zero])
+    for node in graph.node:
+        node.output[:] = [o if o != y else "live_out" for o in node.output]
+    graph.node.extend([
+        helper.make_node("MatMul", [x, "dead_a"], ["dead_h"], "dead_mm1"),
+        helper.make_node("Relu", ["dead_h"], ["dead_r"], "dead_relu"),
+        helper.make_node("MatMul", ["dead_r", "dead_b"], ["dead_o"], "dead_mm2"),
+        helper.make_node("Mul", ["dead_o", "dead_zero"], ["dead_z"], "dead_mul"),
+        helper.make_node("Add", ["live_out", "dead_z"], [y], "dead_add"),
+    ])  # fmt: skip
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return out

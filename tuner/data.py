@@ -84,9 +84,10 @@ def production_data(
     feeds = {spec.name: np.stack([a[spec.name] for a in arrays]) for spec in inputs}
     n_old = sum(1 for i in picked if i < len(older))
     windows = _windows(since or start, end, len(picked) - n_old, older, n_old, since)
-    label = f"production samples of {model}:{version}"
-    if len(versions) > 1 or since is not None:
-        label += " (" + "; ".join(w["label"] for w in windows) + ")"
+    label = f"production samples of {model}:" + (
+        version if len(versions) == 1 else "{" + ",".join(versions) + "} (one source)"
+    )
+    label += ": " + "; ".join(w["label"] for w in windows)
     return replace(split(feeds, None, holdout_fraction, seed, label), windows=windows)
 
 
@@ -135,8 +136,9 @@ def event_since(db: Database, event_id: int, lookback: timedelta = EVENT_LOOKBAC
     """Where the rows that reflect an event start: its opening minus the detection window.
 
     Drift events record their ``current_window`` and latency events their ``recent`` window
-    (the window's length is what counts: a later update moves the window, not the opening);
-    for any other event, ``lookback`` before it opened.
+    (the window's length is what counts: a later update moves the window, not the opening).
+    Any other event (a fidelity drop replays the champion's last rows, however old) starts
+    ``lookback`` before it opened; too few rows since then are topped up by the caller.
 
     Raises:
         NotFound: no event has that id.
@@ -146,7 +148,7 @@ def event_since(db: Database, event_id: int, lookback: timedelta = EVENT_LOOKBAC
         if row is None:
             raise NotFound(f"event {event_id} does not exist: see `tunewatch events`")
         opened, details = as_utc(row.opened_at), dict(row.details or {})
-    for key in ("current_window", "recent", "window"):
+    for key in ("current_window", "recent"):
         bounds = details.get(key)
         if isinstance(bounds, list | tuple) and len(bounds) == 2 and all(bounds):
             try:
