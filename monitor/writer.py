@@ -159,11 +159,18 @@ class Writer:
         _LIVE.add(self)
 
     def _start_thread(self) -> None:
+        self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name="tunewatch-writer", daemon=True)
         self._thread.start()
 
+    def _ensure_started(self) -> None:
+        """In a process forked without the at-fork hook having run: start over lazily."""
+        if self._pid != os.getpid():
+            self._after_fork()
+
     def _after_fork(self) -> None:
         """In a forked child (e.g. a pre-forking server): fresh locks, connections, thread."""
+        self._pid = os.getpid()
         self._drop_lock = threading.Lock()
         self._wake = threading.Event()
         self._flushed = threading.Condition()
@@ -193,6 +200,7 @@ class Writer:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Write everything queued so far; True when it reached the database in time."""
+        self._ensure_started()
         with self._flushed:
             self._flush_seq += 1
             target = self._flush_seq
