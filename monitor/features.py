@@ -208,7 +208,7 @@ def pack_rows(arrays: Mapping[str, np.ndarray], n: int) -> list[bytes]:
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
             for name, a in arrays.items():
                 entry, header = headers[name]
-                z.writestr(entry, header + np.ascontiguousarray(a[i]).tobytes())
+                z.writestr(entry, header + a[i : i + 1].tobytes())  # C order, full dtype
         out.append(buf.getvalue())
     return out
 

@@ -155,3 +155,17 @@ def test_tuning_from_production_samples_of_a_224_image_model(
     assert outcome.data_source.startswith("production samples of vision:v1")
     assert outcome.outcome in ("registered", "no_change")
     assert outcome.to_dict()["leaderboard"]  # candidates were built and measured on them
+
+
+def test_raw_rows_round_trip_any_layout(sqlite_url: str) -> None:
+    images = np.asfortranarray(np.arange(3 * 70 * 2, dtype=np.float64).reshape(3, 70, 2))
+    with Monitor(sqlite_url, sample_rate=1.0) as mon:
+        mon.wrap(lambda x, ids, names: 0, name="layout")(
+            images, ids=np.arange(3), names=["ab", "cde", "f"]
+        )
+        rows = _samples(mon, "layout")
+    for i, row in enumerate(rows):
+        raw = row.raw or {}
+        np.testing.assert_array_equal(raw["arg0"], images[i])
+        assert raw["ids"].shape == () and int(raw["ids"]) == i
+        assert str(raw["names"]) == ["ab", "cde", "f"][i]
