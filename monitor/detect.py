@@ -285,6 +285,8 @@ class DriftDetector(Detector):
                                    limit=self.s.drift_max_rows, newest_first=True)  # fmt: skip
             current = [c for c in current if c.arm != REFERENCE_ARM]
             if not current:
+                log.info("drift %s:%s: no samples in the last %d s", seen.model, seen.version,
+                         self.s.drift_current_s)  # fmt: skip
                 continue
             reference, ref_window = self._reference(db, seen.model, seen.version)
             ref_ids = {r.id for r in reference}

@@ -29,6 +29,7 @@ class VersionStatus:
     p95_ms: float | None
     p99_ms: float | None
     samples: int
+    active_s: float = 0.0  # first to last interval with calls: what calls_per_s divides by
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def summarize(
     samples = _sample_counts(db, start, end, model)
     seconds = window.total_seconds()
     models = [
-        _version_status(m, v, rows, samples.get((m, v), 0), seconds)
+        _version_status(m, v, rows, samples.get((m, v), 0), _active_s(rows, start, end))
         for (m, v), rows in sorted(groups.items())
     ]
     for (m, v), n in sorted(samples.items()):
@@ -77,6 +78,16 @@ def summarize(
     return Status(
         start, end, seconds, models, sum(drops.values()), drops, counts.get("samples_capped", 0)
     )
+
+
+def _active_s(rows: list[Any], start: datetime, end: datetime) -> float:
+    """Seconds from the first to the last interval with calls, within the window.
+
+    A burst of traffic in a long window gets its own rate, not one diluted by the idle time.
+    """
+    first = max(min(r.interval_start for r in rows), start)
+    last = min(max(r.interval_start + timedelta(seconds=r.interval_s) for r in rows), end)
+    return max((last - first).total_seconds(), 1.0)
 
 
 def _version_status(
@@ -91,7 +102,7 @@ def _version_status(
     return VersionStatus(
         model, version, sorted({r.arm for r in rows}), calls, round(calls / seconds, 3),
         sum(r.items for r in rows), errors, round(errors / calls, 6) if calls else 0.0,
-        p50, p95, p99, samples,
+        p50, p95, p99, samples, round(seconds, 3),
     )  # fmt: skip
 
 

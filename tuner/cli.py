@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from monitor.errors import MonitorError
 from monitor.settings import Settings
 from tuner.errors import TunerError
 
 Handler = Callable[[argparse.Namespace], int]
+MAX_DURATION_S = 36500 * 86400  # a hundred years: longer windows overflow datetime arithmetic
+MAX_ID = 2**63 - 1
 
 
 def parse_duration(text: str) -> timedelta:
@@ -30,7 +34,19 @@ def parse_duration(text: str) -> timedelta:
             f"invalid duration {text!r}: use a number with s, m, h or d (e.g. 15m)"
         )
     unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    return timedelta(seconds=float(match.group(1)) * unit)
+    seconds = float(match.group(1)) * unit
+    if not 0 < seconds <= MAX_DURATION_S:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use more than 0 and at most {MAX_DURATION_S // 86400}d"
+        )
+    return timedelta(seconds=seconds)
+
+
+def db_id(value: int, what: str) -> int:
+    """``value`` when it fits the database's ids (1 .. 2^63-1), else a clear TunerError."""
+    if not 1 <= value <= MAX_ID:
+        raise TunerError(f"{what} id {value} is out of range: ids run from 1 to {MAX_ID}")
+    return value
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -47,9 +63,11 @@ def print_json(payload: Any) -> None:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    """``tunewatch db upgrade|downgrade|current``."""
+    """``tunewatch db upgrade|downgrade|current|prune``."""
     from monitor import storage
 
+    if args.db_command == "prune":
+        return cmd_db_prune(args)
     engine = storage.create_db_engine(settings_from(args).database_url)
     try:
         if args.db_command == "upgrade":
@@ -65,6 +83,23 @@ def cmd_db(args: argparse.Namespace) -> int:
     else:
         print(f"database {storage.redact(str(engine.url))}: revision {current or 'none'} "
               f"(head {head}{', up to date' if current == head else ''})")  # fmt: skip
+    return 0
+
+
+def cmd_db_prune(args: argparse.Namespace) -> int:
+    """``tunewatch db prune [--dry-run]``: apply the retention settings once."""
+    from monitor.retention import prune
+
+    with _database(args) as (settings, db):
+        report = prune(db, settings, dry_run=args.dry_run)
+    if args.json:
+        print_json(report.to_dict())
+        return 0
+    verb = "would change" if report.dry_run else "changed"
+    print(f"retention {verb} ({report.seconds:.1f} s):")
+    for table, counts in report.tables.items():
+        done = ", ".join(f"{what} {n}" for what, n in counts.items()) or "nothing"
+        print(f"  {table}: {done}")
     return 0
 
 
@@ -124,27 +159,89 @@ def _database(args: argparse.Namespace) -> Iterator[tuple[Settings, Any]]:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    """``tunewatch detect``: run every detector once now."""
-    from monitor.detect import run_detection
+    """``tunewatch detect``: run every detector once now; say what was tested and skipped."""
+    from monitor.detect import default_detectors, run_detection
 
-    with _database(args) as (settings, db):
-        events = run_detection(db, settings, model=args.model)
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
+    with _database(args) as (settings, db), _Skips(say) as skips:
+        detectors: list[Any] = [_Recorded(d, say) for d in default_detectors(settings)]
+        events = run_detection(db, settings, model=args.model, detectors=detectors)
+    tested = [f for d in detectors for f in d.findings]
     if args.json:
-        print_json({"events": [e.to_dict() for e in events]})
-    elif not events:
-        print("no events: nothing regressed or drifted (or too little data; see the log)")
-    else:
-        for e in events:
-            print(f"[{e.action}] #{e.id} {e.kind} {e.severity}: {e.summary}")
+        print_json({"events": [e.to_dict() for e in events], "skipped": skips.lines,
+                    "tested": [_tested(f) for f in tested]})  # fmt: skip
+        return 0
+    for e in events:
+        print(f"[{e.action}] #{e.id} {e.kind} {e.severity}: {e.summary}")
+    flagged = sum(f.flagged for f in tested)
+    hint = "" if args.verbose or not skips.lines else " (--verbose says why)"
+    print(f"tested {len(tested)} conditions ({flagged} flagged), skipped {len(skips.lines)} "
+          f"for too little data{hint}; {len(events) or 'no'} events changed")  # fmt: skip
     return 0
 
 
-def cmd_drift(args: argparse.Namespace) -> int:
-    """``tunewatch drift NAME``: one drift comparison over explicit windows."""
-    from monitor.detect import compare_windows, parse_time
-    from monitor.errors import NotFound
-    from monitor.storage import read_samples, versions_seen
+def _tested(finding: Any) -> dict[str, Any]:
+    return {"kind": finding.kind, "model": finding.model, "version": finding.version,
+            "arm": finding.arm, "flagged": finding.flagged, "summary": finding.summary}  # fmt: skip
 
+
+class _Recorded:
+    """A detector that keeps (and with --verbose prints) the findings it returns."""
+
+    def __init__(self, detector: Any, say: Callable[[str], None] | None) -> None:
+        self.detector = detector
+        self.say = say
+        self.findings: list[Any] = []
+
+    def detect(self, db: Any, now: Any, model: str | None = None) -> list[Any]:
+        findings = list(self.detector.detect(db, now, model))
+        self.findings.extend(findings)
+        for f in findings:
+            if self.say is not None:
+                self.say(f"tested {f.kind}: {f.summary}")
+        return findings
+
+
+class _Skips(logging.Handler):
+    """Collects the detectors' INFO lines (why a condition was skipped) while detect runs."""
+
+    def __init__(self, say: Callable[[str], None] | None) -> None:
+        super().__init__(logging.INFO)
+        self.say = say
+        self.lines: list[str] = []
+        self.logger = logging.getLogger("tunewatch.detect")
+        self.level_before = self.logger.level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = f"skipped {record.getMessage()}"
+        self.lines.append(line)
+        if self.say is not None:
+            self.say(line)
+
+    def __enter__(self) -> _Skips:
+        self.level_before = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_before)
+
+
+WINDOW_FLAGS = ("reference_start", "reference_end", "current_start", "current_end")
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    """``tunewatch drift NAME``: one drift comparison, over the detector's default windows
+    (README "Detection") or four explicit times."""
+    from monitor.errors import NotFound
+    from monitor.storage import versions_seen
+
+    given = [f"--{f.replace('_', '-')}" for f in WINDOW_FLAGS if getattr(args, f) is not None]
+    if given and len(given) < len(WINDOW_FLAGS):
+        raise TunerError(f"drift got {', '.join(given)} only: give all four window times "
+                         "(--reference-start/-end, --current-start/-end) or none")  # fmt: skip
     with _database(args) as (settings, db):
         version = args.version
         if version is None:
@@ -152,14 +249,11 @@ def cmd_drift(args: argparse.Namespace) -> int:
             if not seen:
                 raise NotFound(f"model {args.name!r} has no data: see `tunewatch status`")
             version = max(seen, key=lambda v: v.last_seen_at).version
-        ref = (parse_time(args.reference_start, "--reference-start"),
-               parse_time(args.reference_end, "--reference-end"))  # fmt: skip
-        cur = (parse_time(args.current_start, "--current-start"),
-               parse_time(args.current_end, "--current-end"))  # fmt: skip
-        limit = settings.drift_max_rows * 4
-        reference = read_samples(db, args.name, version, start=ref[0], end=ref[1], limit=limit)
-        current = read_samples(db, args.name, version, start=cur[0], end=cur[1], limit=limit)
-        comps = compare_windows(db, settings, args.name, version, reference, current, (ref, cur))
+        samples = _explicit_windows if given else _default_windows
+        reference, current, windows = samples(args, db, settings, version)
+        from monitor.detect import compare_windows
+
+        comps = compare_windows(db, settings, args.name, version, reference, current, windows)
     inputs = comps[0].to_dict()
     if len(comps) > 1:
         inputs["outputs"] = comps[1].to_dict()
@@ -168,6 +262,40 @@ def cmd_drift(args: argparse.Namespace) -> int:
         return 0
     _print_drift(inputs)
     return 0
+
+
+def _explicit_windows(args: argparse.Namespace, db: Any, settings: Settings, version: str) -> Any:
+    from monitor.detect import parse_time
+    from monitor.storage import read_samples
+
+    spans = []
+    for part in ("reference", "current"):
+        start = parse_time(getattr(args, f"{part}_start"), f"--{part}-start")
+        end = parse_time(getattr(args, f"{part}_end"), f"--{part}-end")
+        if start >= end:
+            raise TunerError(f"the {part} window {start.isoformat()} .. {end.isoformat()} is "
+                             f"{'empty' if start == end else 'reversed'}: --{part}-start must "
+                             f"come before --{part}-end")  # fmt: skip
+        spans.append((start, end))
+    limit = settings.drift_max_rows * 4
+    ref, cur = (read_samples(db, args.name, version, start=s, end=e, limit=limit) for s, e in spans)
+    return ref, cur, (spans[0], spans[1])
+
+
+def _default_windows(args: argparse.Namespace, db: Any, settings: Settings, version: str) -> Any:
+    """The scheduled detector's windows: its reference (first samples after go-live, a pinned
+    set or the configured range) against the last ``drift_current_s``."""
+    from monitor.detect import REFERENCE_ARM, DriftDetector
+    from monitor.storage import read_samples, utcnow
+
+    end = utcnow()
+    start = end - timedelta(seconds=settings.drift_current_s)
+    reference, ref_window = DriftDetector(settings)._reference(db, args.name, version)
+    ref_ids = {r.id for r in reference}
+    current = [c for c in read_samples(db, args.name, version, start=start, end=end,
+                                       limit=settings.drift_max_rows, newest_first=True)
+               if c.arm != REFERENCE_ARM and c.id not in ref_ids]  # fmt: skip
+    return reference, current, (ref_window, (start, end))
 
 
 def _print_drift(report: dict[str, Any]) -> None:
@@ -203,7 +331,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         if args.action == "ack":
             if args.id is None:
                 raise argparse.ArgumentTypeError("events ack needs an event ID")
-            event = acknowledge(db, args.id, args.by or "")
+            event = acknowledge(db, db_id(args.id, "event"), args.by or "")
             events = [event]
         else:
             events = list_events(db, model=args.model, status=args.status)
@@ -395,11 +523,12 @@ def cmd_decide(args: argparse.Namespace) -> int:
     from tuner import promotions
 
     with _database(args) as (settings, db):
+        promotion_id = db_id(args.id, "promotion")
         if args.command == "approve":
-            p = promotions.approve(db, args.id, by=args.by, note=args.note or "",
+            p = promotions.approve(db, promotion_id, by=args.by, note=args.note or "",
                                    watch=timedelta(seconds=settings.promotion_watch_s))  # fmt: skip
         else:
-            p = promotions.reject(db, args.id, by=args.by, note=args.note or "")
+            p = promotions.reject(db, promotion_id, by=args.by, note=args.note or "")
     if args.json:
         print_json(p.to_dict())
     else:
@@ -499,13 +628,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser ----------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: what is wrong and where to read more."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: error: message (see prog --help)`` and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--database-url", help="SQLAlchemy URL (default: $TUNEWATCH_DATABASE_URL "
                         "or sqlite:///tunewatch.db)")  # fmt: skip
     common.add_argument("--json", action="store_true", help="print stable JSON")
-    parser = argparse.ArgumentParser(prog="tunewatch", description=__doc__)
+    parser = _Parser(prog="tunewatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     db = sub.add_parser("db", help="manage the database schema", parents=[common])
@@ -515,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     down = dbsub.add_parser("downgrade", help="downgrade to a revision", parents=[common])
     down.add_argument("revision")
     dbsub.add_parser("current", help="show the current revision", parents=[common])
+    prune = dbsub.add_parser("prune", help="delete and roll up telemetry past its retention",
+                             parents=[common])  # fmt: skip
+    prune.add_argument("--dry-run", action="store_true", help="count, change nothing")
     db.set_defaults(func=cmd_db)
 
     st = sub.add_parser("status", help="calls, errors and latency per model", parents=[common])
@@ -525,14 +665,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     det = sub.add_parser("detect", help="run every detector once now", parents=[common])
     det.add_argument("--model", help="only this model")
+    det.add_argument("--verbose", "-v", action="store_true",
+                     help="say what was tested and why anything was skipped")  # fmt: skip
     det.set_defaults(func=cmd_detect)
 
-    dr = sub.add_parser("drift", help="one drift comparison over explicit windows",
-                        parents=[common])  # fmt: skip
+    dr = sub.add_parser("drift", help="one drift comparison (default windows: the first "
+                        "samples after go-live vs the last hour)", parents=[common])  # fmt: skip
     dr.add_argument("name", help="model name")
     dr.add_argument("--version", help="model version (default: the most recently seen)")
     for flag in ("--reference-start", "--reference-end", "--current-start", "--current-end"):
-        dr.add_argument(flag, required=True, help="ISO-8601 time, e.g. 2026-01-31T12:00:00Z")
+        dr.add_argument(flag, help="ISO-8601 time, e.g. 2026-01-31T12:00:00Z (all four or none)")
     dr.set_defaults(func=cmd_drift)
 
     ev = sub.add_parser("events", help="list events, or `events ack ID`", parents=[common])
@@ -638,7 +780,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "experiment" and args.action == "start" and not args.candidate:
         parser.error("experiment start needs --candidate VERSION")
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handling below, not at exit
+        return code
     except (MonitorError, TunerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -646,6 +790,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tunewatch ... | head` closed the pipe: stop quietly, like cat
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except ModuleNotFoundError as exc:
+        print(f"error: {_missing_module(args, exc)}", file=sys.stderr)
+        return 1
+    except OverflowError as exc:
+        print(f"error: a number or time is out of range ({exc}): use a smaller value",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def _missing_module(args: argparse.Namespace, exc: ModuleNotFoundError) -> str:
+    """The one-line message for a module that is not installed (usually a database driver)."""
+    from monitor.storage import redact
+
+    url = getattr(args, "database_url", None) or ""
+    where = f" for database URL {redact(url)!r}" if url else ""
+    return (f"Python module {exc.name!r}{where} is not installed: use sqlite:///FILE or "
+            f"postgresql+psycopg://..., or pip install the driver")  # fmt: skip
 
 
 if __name__ == "__main__":  # pragma: no cover
