@@ -196,6 +196,42 @@ WHERE e.kind IN ('data_drift', 'prediction_drift')
   AND e.version IN ($version)
 ORDER BY e.opened_at DESC"""
 
+# The guard's headline metric of each task, as one "higher is better" fidelity value.
+FIDELITY_SQL = """\
+SELECT
+  $__timeGroupAlias(f.ts, $__interval),
+  concat(f.model, ':', f.version, ' vs ', f.source_version, ' [', f.arm, ']') AS metric,
+  avg(coalesce((f.metrics ->> 'top1_agreement')::float8,
+               (f.metrics ->> 'mean_cosine')::float8,
+               1 - (f.metrics ->> 'rel_error')::float8)) AS fidelity
+FROM fidelity_checks AS f
+WHERE $__timeFilter(f.ts)
+  AND f.model IN ($model)
+  AND f.version IN ($version)
+  AND f.status = 'ok'
+GROUP BY 1, 2
+ORDER BY 1, 2"""
+
+LATEST_FIDELITY_SQL = """\
+SELECT DISTINCT ON (f.model, f.arm)
+  f.ts AS "checked",
+  f.model,
+  f.version,
+  f.source_version AS source,
+  f.arm,
+  f.experiment_id AS experiment,
+  f.rows,
+  f.task,
+  f.status,
+  f.passed,
+  f.message,
+  f.event_id AS event
+FROM fidelity_checks AS f
+WHERE $__timeFilter(f.ts)
+  AND f.model IN ($model)
+  AND f.version IN ($version)
+ORDER BY f.model, f.arm, f.ts DESC, f.id DESC"""
+
 TUNING_RUNS_SQL = """\
 SELECT
   t.started_at AS started,
@@ -677,7 +713,7 @@ def overview() -> dict[str, Any]:
 
 
 def drift() -> dict[str, Any]:
-    """Per-feature drift scores, the share of drifted features and drift events."""
+    """Per-feature drift scores, the share of drifted features, drift events and fidelity."""
     drift_kinds = ("data_drift", "prediction_drift")
     panels = [
         timeseries(
@@ -704,14 +740,32 @@ def drift() -> dict[str, Any]:
             w=24,
             h=10,
         ),
+        timeseries(
+            "Fidelity to the source",
+            FIDELITY_SQL,
+            "percentunit",
+            "Stored production inputs replayed through the serving version and through its "
+            "source (the version a user registered): top-1 agreement for classifiers, mean "
+            "cosine for embeddings, 1 - relative error for regressions. The champion is "
+            "checked every fidelity_job_interval_s; experiments replay each arm. Below the "
+            "guard's tolerance (0.99 top-1 by default) a fidelity_drop event opens.",
+        ),
+        table(
+            "Latest fidelity check",
+            LATEST_FIDELITY_SQL,
+            "The newest check of each model and arm, with the guard's verdict.",
+        ),
     ]
     return dashboard(
         "tunewatch-drift",
         "tunewatch / Drift",
-        "Data and prediction drift of production inputs and outputs.",
+        "Data and prediction drift of production inputs and outputs, and fidelity to the source.",
         panels,
         [MODEL_VAR, VERSION_VAR],
-        [annotation("Drift events", events_annotation_sql(drift_kinds), "orange")],
+        [
+            annotation("Drift events", events_annotation_sql(drift_kinds), "orange"),
+            annotation("Fidelity events", events_annotation_sql(("fidelity_drop",)), "red"),
+        ],
     )
 
 

@@ -28,6 +28,7 @@ KINDS = (
     "latency_regression",
     "data_drift",
     "prediction_drift",
+    "fidelity_drop",
     "experiment_rollback",
     "promotion_rollback",
 )

@@ -75,12 +75,15 @@ class Settings:
     drift_min_rows: int = 30
     drift_alpha: float = 0.05
     drift_correction: str = "fdr_bh"
-    retune_on: str = "latency_regression,data_drift"
+    retune_on: str = "latency_regression,data_drift,fidelity_drop"
+    # Fidelity to the source: raw rows replayed per check.
+    fidelity_rows: int = 256
     # Scheduler.
     latency_job_interval_s: int = 300
     drift_job_interval_s: int = 3600
     retune_job_interval_s: int = 600
     analysis_job_interval_s: int = 60
+    fidelity_job_interval_s: int = 900
     # Experiments and promotions.
     experiment_min_samples: int = 200
     experiment_max_duration_s: int = 86_400
@@ -116,7 +119,7 @@ class Settings:
             "latency_job_interval_s", "drift_job_interval_s", "retune_job_interval_s",
             "analysis_job_interval_s", "experiment_min_samples", "experiment_max_duration_s",
             "promotion_watch_s", "api_max_body_bytes",
-            "tune_slo_ms",
+            "tune_slo_ms", "fidelity_rows", "fidelity_job_interval_s",
         ):  # fmt: skip
             _positive(name, getattr(self, name))
         for name in ("sample_cap_per_minute", "raw_max_values", "tabular_max_columns",

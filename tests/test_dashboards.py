@@ -38,6 +38,7 @@ from sqlalchemy.schema import CreateSchema, DropSchema
 from monitor import Settings, sketch, storage
 from tests.conftest import IN_CI, PG_ADMIN_URL, require_postgres
 from tuner.demo import seed_database
+from tuner.fidelity import run_fidelity
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = ROOT / "dashboards"
@@ -344,7 +345,13 @@ def seeded_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
         engine.dispose()
         workdir = tmp_path_factory.mktemp("seed")
         settings = Settings(database_url=url, artifacts_dir=str(workdir / "artifacts"))
-        yield Seeded(url, name, seed_database(settings))
+        summary = seed_database(settings)
+        db = storage.Database(url)
+        try:  # the demo's experiment replayed both arms; the champion gets its own check too
+            summary["fidelity"] = [c.to_dict() for c in run_fidelity(db, settings)]
+        finally:
+            db.dispose()
+        yield Seeded(url, name, summary)
     finally:
         with admin.begin() as conn:
             conn.execute(DropSchema(name, cascade=True))
@@ -373,6 +380,7 @@ DATA_PROBES = {
     "Events": "SELECT 1 FROM events",
     "Latency events": "SELECT 1 FROM events WHERE kind = 'latency_regression'",
     "Rollbacks": "SELECT 1 FROM events WHERE kind IN ('experiment_rollback', 'promotion_rollback')",
+    "Fidelity events": "SELECT 1 FROM events WHERE kind = 'fidelity_drop'",
 }
 
 

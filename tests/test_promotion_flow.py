@@ -21,6 +21,7 @@ from monitor.events import list_events
 from monitor.registry import champion, list_versions
 from monitor.storage import Database, read_aggregates
 from tests.serving_models import IN, WEIGHTS, heavy_model, light_model
+from tests.test_fidelity import degraded, derive, make_champion, rolled
 from tuner import audit, experiments, promotions, registry
 from tuner.analysis import run_analysis, watch_promotions
 from tuner.cli import main
@@ -157,6 +158,7 @@ def test_shadow_mode_records_agreement_off_the_call_path(sqlite_url: str, tmp_pa
     assert champion_calls == 200 and compared == 200 and agreed == 200
     verdict = run_analysis(db, settings)[0]
     assert verdict.evidence["agreement"]["rate"] == 1.0
+    assert verdict.evidence["fidelity"]["challenger"]["arm"] == "shadow"  # replayed when sampled
     assert verdict.evidence["arms"]["challenger"]["calls"] == 200
     assert experiments.get(db, exp.id).status == "rolled_back"  # the shadow is slower
     db.dispose()
@@ -305,4 +307,88 @@ def test_two_processes_race_on_postgres(pg_url: str, tmp_path: Path) -> None:
     decided = promotions.get(db, p.id)
     expected = {"approve": ("applied", "ana"), "reject": ("rejected", "bo")}[winner[3]]
     assert (decided.status, decided.decided_by) == expected
+    db.dispose()
+
+
+# --- fidelity to the source decides split-traffic experiments ---------------------------
+
+
+def _split_traffic(url: str, n: int) -> None:
+    """``n`` calls through a real deployment, every one sampled (outputs not checked: the
+    challengers here answer differently on purpose)."""
+    with Monitor(url, sample_rate=1.0, sample_cap_per_minute=10_000) as mon:
+        dep = mon.deployment("clf", poll_s=60)
+        assert dep.routing.challenger is not None
+        for i in range(n):
+            dep({"x": RNG.normal(size=(1, IN)).astype(np.float32)}, key=f"user-{i}")
+        mon.flush()
+
+
+def test_a_permuted_label_challenger_is_rolled_back_however_fast(
+    db_url: str, tmp_path: Path
+) -> None:
+    # Outputs map class k to k + 1: the same output distribution, every answer wrong.
+    settings = Settings(database_url=db_url, artifacts_dir=str(tmp_path / "artifacts"))
+    db = Database(db_url)
+    registry.register("clf", heavy_model(tmp_path / "heavy.onnx"), db=db, settings=settings)
+    fast_wrong = derive(db, settings, tmp_path, "rolled", rolled)
+    exp = experiments.start(db, "clf", fast_wrong, share=0.5, min_samples=100)
+    _split_traffic(db_url, 600)
+    (verdict,) = run_analysis(db, settings)
+    assert verdict.decision == "rollback", verdict.reason
+    assert "less faithful to the source v1: top-1 agreement 0.0 % vs champion 100.0 %" in (
+        verdict.reason
+    )
+    fid = verdict.evidence["fidelity"]
+    assert (fid["verdict"], fid["reference"]) == ("worse", "v1")
+    assert fid["champion"]["rows"] + fid["challenger"]["rows"] == 512  # 256 per arm at most
+    assert verdict.evidence["agreement"] == {
+        "source": "replay", "compared": fid["challenger"]["rows"], "rate": None, "ok": False,
+        "note": fid["reason"],
+    }  # fmt: skip
+    assert experiments.get(db, exp.id).status == "rolled_back"
+    assert promotions.list_promotions(db, model="clf") == []
+    assert [e.kind for e in list_events(db, model="clf")] == ["experiment_rollback"]
+    with db.session() as s:
+        stored = s.execute(
+            select(schema.FidelityCheck.arm, schema.FidelityCheck.passed)
+            .where(schema.FidelityCheck.experiment_id == exp.id)
+            .order_by(schema.FidelityCheck.id)
+        ).all()  # fmt: skip
+    assert [tuple(r) for r in stored] == [("champion", True), ("challenger", False)]
+    db.dispose()
+
+
+def test_a_challenger_that_restores_fidelity_gets_a_promotion_at_equal_speed(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = Settings(database_url=db_url, artifacts_dir=str(tmp_path / "artifacts"))
+    db = Database(db_url)
+    registry.register("clf", light_model(tmp_path / "light.onnx"), db=db, settings=settings)
+    make_champion(db, derive(db, settings, tmp_path, "stale", degraded))
+    recalibrated = derive(db, settings, tmp_path, "recalibrated", lambda w: w)
+    exp = experiments.start(db, "clf", recalibrated, share=0.5, min_samples=100)
+    _split_traffic(db_url, 600)
+
+    assert main(["analyze", "clf", "--json", "--database-url", db_url]) == 0
+    (verdict,) = json.loads(capsys.readouterr().out)["verdicts"]
+    assert (verdict["experiment_id"], verdict["decision"]) == (exp.id, "promote")
+    fid = verdict["evidence"]["fidelity"]
+    stale = fid["champion"]["metrics"]["top1_agreement"]
+    assert 0.8 < stale < 0.97
+    assert verdict["reason"].startswith(
+        f"restores fidelity to the source: top-1 agreement 100.0 % vs champion {100 * stale:.1f} %"
+        ", latency within the guardrail"
+    ), verdict["reason"]
+    assert (fid["verdict"], fid["challenger"]["passed"], fid["champion"]["passed"]) == (
+        "restores", True, False
+    )  # fmt: skip
+    assert fid["champion"]["version"] == "v2" and fid["challenger"]["version"] == "v3"
+    (pending,) = promotions.list_promotions(db, model="clf", status="pending")
+    assert (pending.id, pending.to_version) == (verdict["promotion_id"], "v3")
+    assert pending.evidence["fidelity"]["verdict"] == "restores"
+    assert experiments.get(db, exp.id).status == "promotion_pending"
+
+    assert main(["analyze", "--database-url", db_url]) == 0
+    assert capsys.readouterr().out == "no running experiments\n"
     db.dispose()

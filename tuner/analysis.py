@@ -4,17 +4,23 @@ For each live experiment the analysis compares the arms since it started:
 - latency: Mann-Whitney U with a Hodges-Lehmann effect-size gate, both ways (slower is a
   guardrail breach, faster beyond the tolerance is what makes a challenger better);
 - error rate: an always-valid sequential test (mSPRT), safe under a look every minute;
-- output agreement: from shadow comparisons, or, for split traffic, the drift of the
-  challenger's output distribution against the champion's.
-A breach rolls the experiment back at once (share to 0, event, notification); a better
-challenger gets a promotion request with the evidence; at the maximum duration an
+- fidelity to the source: each arm's stored inputs from the experiment's start are replayed
+  off the serving path through the source (the version a user registered, never the
+  champion) and through the arm's own version (:mod:`tuner.fidelity`), so both arms get the
+  accuracy guard's per-row metrics on what they actually served;
+- shadow agreement: a shadow challenger's answers against the champion's on the same calls.
+A breach rolls the experiment back at once (share to 0, event, notification): slower, more
+errors, or less faithful to the source than the champion by more than the tolerance, however
+fast. A challenger that restores fidelity (it passes the tolerance, the champion does not, and
+the gap is beyond noise) at a latency within the guardrail, or that is faster and no less
+faithful, gets a promotion request with the evidence; at the maximum duration an
 inconclusive experiment stops with the reason.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -22,10 +28,12 @@ from sqlalchemy import func, select
 
 from monitor import schema, sketch
 from monitor.events import Finding, Notifier, apply_finding
+from monitor.registry import get_version, source_of
 from monitor.settings import Settings
-from monitor.storage import Database, read_aggregates, read_samples, utcnow
-from tuner import experiments, promotions
+from monitor.storage import Database, read_aggregates, utcnow
+from tuner import experiments, fidelity, promotions
 from tuner.experiments import ExperimentInfo
+from tuner.fidelity import Replay
 
 log = logging.getLogger("tunewatch.analysis")
 
@@ -39,6 +47,7 @@ class Verdict:
     reason: str
     evidence: dict[str, Any]
     promotion_id: int | None = None
+    replays: tuple[Replay, ...] = field(default=(), repr=False)  # stored by run_analysis
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -95,17 +104,19 @@ def analyze(
                                tolerance=settings.experiment_improvement_margin,
                                alpha=settings.experiment_alpha,
                                min_samples=exp.min_samples)  # fmt: skip
-    agreement = _agreement(db, settings, exp, now)
+    fid, replays = _fidelity(db, settings, exp, now)
+    agreement = _agreement(db, settings, exp, fid)
     evidence = {
         "arms": {"champion": _public(champ), "challenger": _public(chall)},
         "latency": slower.to_dict(), "latency_challenger_faster": faster.to_dict(),
-        "error_rate": errors.to_dict(), "agreement": agreement,
+        "error_rate": errors.to_dict(), "agreement": agreement, "fidelity": fid,
         "timeline": _timeline(champ) + _timeline(chall, "challenger"),
         "window": [exp.started_at.isoformat(), now.isoformat()],
     }  # fmt: skip
-    decision, reason = _decide(exp, settings, slower, faster, errors, agreement, champ, chall, now)
+    decision, reason = _decide(exp, settings, slower, faster, errors, agreement, fid, champ,
+                               chall, now)  # fmt: skip
     evidence.update(decision=decision, reason=reason)
-    return Verdict(exp.id, decision, reason, evidence)
+    return Verdict(exp.id, decision, reason, evidence, replays=replays)
 
 
 def guardrails(
@@ -132,12 +143,15 @@ def guardrails(
 
 def _decide(
     exp: ExperimentInfo, settings: Settings, slower: Any, faster: Any, errors: Any,
-    agreement: dict[str, Any], champ: dict[str, Any], chall: dict[str, Any], now: datetime,
+    agreement: dict[str, Any], fid: dict[str, Any], champ: dict[str, Any],
+    chall: dict[str, Any], now: datetime,
 ) -> tuple[str, str]:  # fmt: skip
     if slower.regressed:
         return "rollback", f"guardrail: challenger latency regressed ({slower.reason})"
     if errors.decision == "challenger_worse":
         return "rollback", f"guardrail: challenger error rate is higher ({errors.reason})"
+    if fid["verdict"] == "worse":
+        return "rollback", f"guardrail: {fid['reason']}"
     rate = agreement.get("rate")
     if (
         rate is not None
@@ -149,7 +163,10 @@ def _decide(
             f"{agreement['source']} comparisons (< {settings.experiment_min_agreement:.0%})"
         )
     enough = min(champ["calls"], chall["calls"]) >= exp.min_samples
-    if enough and faster.regressed and agreement.get("ok", True):
+    if enough and fid["verdict"] == "restores":
+        return "promote", f"{fid['reason']}, latency within the guardrail ({slower.reason})"
+    judged = fid["verdict"] in ("same", "no_data")  # a few raw rows are not yet a verdict
+    if enough and faster.regressed and agreement.get("ok", True) and judged:
         return "promote", f"challenger is faster within the guardrails ({faster.reason})"
     if (now - exp.started_at).total_seconds() >= exp.max_duration_s:
         return "inconclusive", (
@@ -162,11 +179,13 @@ def _decide(
             f"collecting: {champ['calls']} champion and {chall['calls']} challenger calls "
             f"of {exp.min_samples} needed per arm"
         )
+    if faster.regressed and not judged:
+        return "continue", f"challenger is faster; fidelity not judged yet: {fid['reason']}"
     return "continue", f"no difference yet ({faster.reason})"
 
 
 def _agreement(
-    db: Database, settings: Settings, exp: ExperimentInfo, now: datetime
+    db: Database, settings: Settings, exp: ExperimentInfo, fid: dict[str, Any]
 ) -> dict[str, Any]:
     if exp.shadow:
         t = schema.ShadowAggregate
@@ -180,33 +199,56 @@ def _agreement(
         return {"source": "shadow", "compared": compared, "agreed": agreed, "rate": rate,
                 "mean_score": (score or 0.0) / compared if compared else None,
                 "ok": rate is None or rate >= settings.experiment_min_agreement}  # fmt: skip
-    return _split_agreement(db, settings, exp, now)
+    # Split traffic sees different inputs: each arm is replayed against the source instead.
+    chall = fid.get("challenger") or {}
+    return {"source": "replay", "compared": chall.get("rows", 0), "rate": None,
+            "ok": fid["verdict"] != "worse", "note": fid["reason"]}  # fmt: skip
 
 
-def _split_agreement(
+def _fidelity(
     db: Database, settings: Settings, exp: ExperimentInfo, now: datetime
-) -> dict[str, Any]:
-    """Split traffic sees different inputs, so compare the arms' output distributions."""
-    from monitor.detect import outputs_frame
-    from monitor.drift import compute_drift
+) -> tuple[dict[str, Any], tuple[Replay, ...]]:
+    """Both arms' fidelity to the source on their own inputs since the experiment started."""
+    try:
+        champ = get_version(db, exp.model, exp.champion_version)
+        chall = get_version(db, exp.model, exp.challenger_version)
+        source = source_of(db, champ)
+        task = fidelity.model_task(db, exp.model)
+        a, b = (
+            fidelity.replay(db, info, source, arms=arms, limit=settings.fidelity_rows,
+                            start=exp.started_at, end=now, task=task)
+            for info, arms in ((champ, ("champion",)), (chall, (challenger_arm(exp),)))
+        )  # fmt: skip
+    except Exception as exc:  # a failed replay holds a promotion back, never the guardrails
+        log.exception("fidelity replay of experiment %s failed", exp.id)
+        reason = f"replay failed: {exc}"
+        return {"verdict": "error", "reason": reason, "champion": None, "challenger": None}, ()
+    verdict, reason = _judge_fidelity(a, b, settings)
+    out = {"verdict": verdict, "reason": reason, "reference": source.version,
+           "margin": fidelity.margin(b.task) if b.task in fidelity.HEADLINE else None,
+           "champion": a.to_dict(), "challenger": b.to_dict()}  # fmt: skip
+    return out, (a, b)
 
-    def outputs(version: str, arm: str) -> Any:
-        rows = read_samples(db, exp.model, version, arm=arm, start=exp.started_at, end=now,
-                            limit=settings.drift_max_rows)  # fmt: skip
-        return outputs_frame(rows)
 
-    ref = outputs(exp.champion_version, "champion")
-    cur = outputs(exp.challenger_version, "challenger")
-    if ref.empty or cur.empty:
-        return {"source": "split", "compared": 0, "rate": None, "ok": True,
-                "note": "no sampled outputs yet"}  # fmt: skip
-    # This check repeats every look and only holds a promotion back, so it runs at a strict
-    # level: a false alarm at alpha would block a good challenger one look in twenty.
-    result = compute_drift(ref, cur, min_rows=min(30, settings.drift_min_rows),
-                           alpha=settings.experiment_alpha / 50)  # fmt: skip
-    return {"source": "split", "compared": result.n_current, "rate": None,
-            "drift_detected": result.drift_detected, "share_drifted": result.share_drifted,
-            "ok": not result.drift_detected, "note": result.message}  # fmt: skip
+def _judge_fidelity(champ: Replay, chall: Replay, settings: Settings) -> tuple[str, str]:
+    """``worse`` | ``restores`` | ``same`` | ``insufficient_data`` | ``no_data``, and why."""
+    if champ.status != "ok" or chall.status != "ok":
+        if champ.rows == 0 and chall.rows == 0:
+            return "no_data", "no raw inputs stored for either arm: fidelity is not judged"
+        return "insufficient_data", (
+            f"{chall.rows} challenger and {champ.rows} champion raw inputs replayed, "
+            f"{fidelity.MIN_ROWS} needed per arm"
+        )
+    both = f"{fidelity.describe(chall)} vs champion {fidelity.describe(champ, label=False)}"
+    alpha, by = settings.experiment_alpha, fidelity.margin(chall.task)
+    if fidelity.better_by(champ, chall, by, alpha):
+        return "worse", (
+            f"challenger is less faithful to the source {chall.source_version}: {both} "
+            f"(tolerance {by:g}, {chall.rows} and {champ.rows} rows)"
+        )
+    if chall.passed and not champ.passed and fidelity.better_by(chall, champ, 0.0, alpha):
+        return "restores", f"restores fidelity to the source: {both}"
+    return "same", f"fidelity to the source {chall.source_version}: {both}"
 
 
 def _public(stats: dict[str, Any]) -> dict[str, Any]:
@@ -231,14 +273,17 @@ def _timeline(stats: dict[str, Any], arm: str = "champion") -> list[dict[str, An
 
 def run_analysis(
     db: Database, settings: Settings, *, notifier: Notifier | None = None,
-    now: datetime | None = None,
+    now: datetime | None = None, model: str | None = None,
 ) -> list[Verdict]:  # fmt: skip
-    """Analyze every running experiment once and act on each verdict."""
+    """Analyze every running experiment (of ``model``) once and act on each verdict."""
     notifier = notifier or Notifier(settings.webhook_url)
     verdicts = []
-    for exp in experiments.list_experiments(db, status="running"):
+    for exp in experiments.list_experiments(db, model=model, status="running"):
         try:
             verdict = analyze(db, settings, exp, now)
+            for r in verdict.replays:
+                if r.status == "ok":
+                    fidelity.store(db, r, experiment_id=exp.id)
             verdicts.append(_act(db, settings, exp, verdict, notifier))
         except Exception:  # e.g. stopped by hand meanwhile: one experiment never stops the rest
             log.exception("tunewatch: analysis of experiment %s failed", exp.id)
@@ -266,7 +311,7 @@ def _act(
         experiments.set_status(db, exp.id, "promotion_pending", v.evidence)
         notifier.notify_text(f"promotion {p.id} of {exp.model}:{exp.challenger_version} "
                              f"is {p.status}: {v.reason}")  # fmt: skip
-        return Verdict(v.experiment_id, v.decision, v.reason, v.evidence, p.id)
+        return replace(v, promotion_id=p.id)
     experiments.set_status(db, exp.id, "running", v.evidence)
     return v
 
