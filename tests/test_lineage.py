@@ -29,8 +29,9 @@ from tuner import jobs, registry
 from tuner.candidates import optimize_offline, preprocess
 from tuner.cli import main
 from tuner.data import TuningData, event_since, production_data, split
+from tuner.engine import Trial
 from tuner.onnx_tools import describe_inputs
-from tuner.tuning import TuningOutcome, run_tuning
+from tuner.tuning import TuningOutcome, judge, run_tuning
 
 MODEL = "digits"
 INT8_KINDS = {"static-minmax-u8-all", "dynamic-s8-pc", "dynamic-s8-pc-raw"}
@@ -86,8 +87,11 @@ def _passing_int8(outcome: TuningOutcome, workdir_run: int) -> set[str]:
 
 
 def test_retunes_after_promoting_int8_and_ort_fp32_build_from_the_source(
-    db_url: str, tmp_path: Path, cnn_onnx: Path, images: TuningData
-) -> None:
+    db_url: str, tmp_path: Path, cnn_onnx: Path, images: TuningData,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     settings = _settings(db_url, tmp_path)
     db = Database(db_url)
     registry.register(MODEL, cnn_onnx, db=db, settings=settings)
@@ -114,6 +118,7 @@ def test_retunes_after_promoting_int8_and_ort_fp32_build_from_the_source(
         assert (winner.parent_version, winner.source_version) == ("v1", "v1")
     else:
         assert out["winner"] is None
+    assert os.listdir(tmp_path / "cwd") == []  # no quantization temp files in the cwd
     db.dispose()
 
 
@@ -171,11 +176,15 @@ def test_a_retune_with_nothing_better_than_the_incumbent_changes_nothing(
     digits = load_digits_split()
     mlp = export(trained_mlp(digits), digits.x_calib[:4], tmp_path / "mlp.onnx")
     slow_source = dead_branch(mlp, tmp_path / "slow.onnx")
-    settings = _settings(db_url, tmp_path).replace(tune_quick=True, tune_slo_ms=50.0)
+    # A generous SLO and one thread: on a busy machine the incumbent must not miss the SLO
+    # at batch 1 (that would count as failing on today's data).
+    settings = _settings(db_url, tmp_path).replace(tune_quick=True, tune_slo_ms=1000.0)
     db = Database(db_url)
     registry.register(MODEL, slow_source, db=db, settings=settings)
-    fast = registry.register(MODEL, mlp, version="fast", parent_version="v1", db=db,
-                             settings=settings)  # fmt: skip
+    fast = registry.register(
+        MODEL, mlp, version="fast", parent_version="v1", config={"runtime": {"threads": 1}},
+        db=db, settings=settings,
+    )  # fmt: skip
     _promote(db, fast.version)
     registry.set_policy(db, MODEL, {"auto_experiment": True, "share": 0.5}, by="test")
     _log_rows(db_url, "fast", digits.x_holdout[:160])  # served by the champion: same lineage
@@ -184,7 +193,7 @@ def test_a_retune_with_nothing_better_than_the_incumbent_changes_nothing(
     jobs.configure(settings, db)
     assert jobs.retune() == {"handled": 1}
     (request,) = retune_requests(db, None)
-    assert request.status == "no_change"
+    assert request.status == "no_change", request.note
     assert "the incumbent's throughput; needs x1.05" in request.note
     assert {v.version for v in list_versions(db, MODEL)} == {"v1", "fast"}
     assert champion(db, MODEL).version == "fast"
@@ -304,3 +313,32 @@ def test_quantization_temp_files_stay_in_the_work_directory(
     assert os.listdir(cwd) == []
     assert Path.cwd() == cwd
     assert (work / "fused.pre.onnx").is_file()
+
+
+def _trial(name: str, passed: bool, reason: str, **figures: float) -> Trial:
+    batch = 8 if passed or reason.startswith("guard failed") else None
+    return Trial(name, {}, None, None, passed, reason, best_batch_size=batch, **figures)
+
+
+def test_judging_a_winner_against_the_incumbent() -> None:
+    fast = _trial("static", True, "guard passed: ok", throughput=120.0, latency_p95_ms=1.0)
+    same = _trial("incumbent", True, "guard passed: ok", throughput=118.0, latency_p95_ms=1.02)
+    slow = _trial("incumbent", True, "guard passed: ok", throughput=100.0, latency_p95_ms=2.0)
+    stale = _trial("incumbent", False, "guard failed: top1_agreement 0.9100 < 0.9900",
+                   throughput=500.0, latency_p95_ms=0.5)  # fmt: skip
+    late = _trial("incumbent", False, "guard passed: ok; no batch size meets the SLO")
+    assert judge(fast, slow, "throughput", 0.05) == (
+        "registered", "best candidate static is x1.20 the incumbent's throughput (needs x1.05)"
+    )  # fmt: skip
+    outcome, reason = judge(fast, same, "throughput", 0.05)
+    assert (outcome, reason.endswith("x1.02 the incumbent's throughput; needs x1.05")) == (
+        "no_change", True
+    )  # fmt: skip
+    assert judge(fast, slow, "latency", 0.05)[0] == "registered"  # 2.0 ms -> 1.0 ms
+    assert judge(fast, same, "latency", 0.05)[0] == "no_change"
+    assert judge(fast, slow, "throughput", 0.25)[0] == "no_change"
+    outcome, reason = judge(fast, stale, "throughput", 0.05)
+    assert outcome == "registered" and "top1_agreement 0.9100 < 0.9900" in reason
+    outcome, reason = judge(fast, late, "throughput", 0.05)
+    assert outcome == "registered" and "no batch size meets the SLO" in reason
+    assert judge(None, slow, "throughput", 0.05)[0] == "no_change"

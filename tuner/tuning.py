@@ -174,7 +174,9 @@ def judge(winner: Any, incumbent: Any, objective: str, min_gain: float) -> tuple
     if incumbent is None:
         return REGISTERED, f"{winner.name} passed the guard (no incumbent measured)"
     if not incumbent.passed:
-        why = incumbent.reason.split(";")[0]
+        parts = incumbent.reason.split("; ")
+        guard_passed = parts[0].startswith("guard passed")
+        why = parts[-1] if guard_passed and incumbent.best_batch_size is None else parts[0]
         return REGISTERED, (
             f"the incumbent fails on today's data ({why}) and {winner.name} passes the guard"
         )
