@@ -121,7 +121,7 @@ def _windows(
     since: datetime | None,
 ) -> tuple[dict[str, Any], ...]:  # fmt: skip
     """Describe the time windows the rows came from and how many rows each gave."""
-    what = "since the event's detection window" if since is not None else "recent window"
+    what = "since" if since is not None else "recent window"
     out = [{"label": f"{fresh} rows {what} {start.isoformat()} .. {end.isoformat()}",
             "kind": "fresh" if since is not None else "window",
             "start": start.isoformat(), "end": end.isoformat(), "rows": fresh}]  # fmt: skip
