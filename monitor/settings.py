@@ -96,6 +96,17 @@ class Settings:
     tune_objective: str = "throughput"
     tune_quick: bool = False
     extra_jobs: str = ""  # "id=module:function@seconds;..." user jobs run like the built-in ones
+    # Retention (`tunewatch db prune`, the `retention` job): ages in days, 0 keeps forever.
+    retention_raw_days: float = 14.0  # raw input arrays of samples (the summary row stays)
+    retention_samples_days: float = 30.0
+    retention_spans_days: float = 7.0
+    retention_job_runs_days: float = 30.0
+    samples_thin_after_days: float = 0.5  # older samples thinned to samples_thin_per_minute
+    samples_thin_per_minute: int = 5  # per model version and arm
+    rollup_minute_after_days: float = 2.0  # latency aggregates merged into 1-minute rows
+    rollup_hour_after_days: float = 30.0  # and into 1-hour rows
+    retention_batch_rows: int = 2000  # rows per delete/update transaction
+    retention_job_interval_s: int = 3600
     # Control plane.
     artifacts_dir: str = "artifacts"
     webhook_url: str = ""
@@ -126,6 +137,16 @@ class Settings:
                      "raw_row_max_bytes", "raw_reservoir_mb"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name}={getattr(self, name)!r} must be 0 or more")
+        for name in ("retention_raw_days", "retention_samples_days", "retention_spans_days",
+                     "retention_job_runs_days", "samples_thin_after_days",
+                     "samples_thin_per_minute", "rollup_minute_after_days",
+                     "rollup_hour_after_days"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"setting {name}={getattr(self, name)!r} must be >= 0 (0 keeps forever)"
+                )
+        _positive("retention_batch_rows", self.retention_batch_rows)
+        _positive("retention_job_interval_s", self.retention_job_interval_s)
         if self.retry_max_backoff_s < 0:
             raise ConfigError(f"setting retry_max_backoff_s={self.retry_max_backoff_s!r} < 0")
         if self.drift_correction not in DRIFT_CORRECTIONS:

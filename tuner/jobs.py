@@ -77,6 +77,7 @@ def job_specs(settings: Settings) -> list[JobSpec]:
             "tuner.jobs:experiment_analysis",
             settings.analysis_job_interval_s,
         ),
+        JobSpec("retention", "tuner.jobs:retention", settings.retention_job_interval_s),
         JobSpec("fidelity", "tuner.jobs:fidelity", settings.fidelity_job_interval_s),
     ]
     return specs + parse_extra_jobs(settings.extra_jobs)
@@ -281,3 +282,11 @@ def fidelity() -> dict[str, Any]:
 
     settings, db = context()
     return {"checks": [c.to_dict() for c in run_fidelity(db, settings)]}
+
+
+def retention() -> dict[str, Any]:
+    """Delete and roll up telemetry past its retention (``tunewatch db prune``)."""
+    from monitor.retention import prune
+
+    settings, db = context()
+    return prune(db, settings).to_dict()
