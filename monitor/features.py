@@ -8,7 +8,6 @@ Outputs become a summary: top class and confidence, an embedding's norm, or the 
 
 from __future__ import annotations
 
-import copy
 import io
 import math
 import zipfile
@@ -68,10 +67,11 @@ def snapshot(value: Any, max_rows: int) -> Any:
     if isinstance(value, (list, tuple)):
         if value and hasattr(value[0], "shape"):  # several arrays: each one's rows
             return [snapshot(v, max_rows) for v in value]
-        return copy.deepcopy(value[:max_rows])
-    clone = getattr(value, "clone", None)
-    if clone is not None and hasattr(value, "detach"):  # torch.Tensor
-        return (value[:max_rows] if value.dim() else value).detach().clone()
+        # Strings and numbers are immutable; nothing else in a list is ever stored.
+        return list(value[:max_rows])
+    if hasattr(value, "clone") and hasattr(value, "detach"):  # torch.Tensor
+        tensor = value.detach()  # no autograd record of the slice
+        return (tensor[:max_rows] if tensor.dim() else tensor).clone()
     if hasattr(value, "iloc") and hasattr(value, "copy"):  # pandas
         return value.iloc[:max_rows].copy()
     if hasattr(value, "__array__"):

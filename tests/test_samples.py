@@ -169,3 +169,18 @@ def test_raw_rows_round_trip_any_layout(sqlite_url: str) -> None:
         np.testing.assert_array_equal(raw["arg0"], images[i])
         assert raw["ids"].shape == () and int(raw["ids"]) == i
         assert str(raw["names"]) == ["ab", "cde", "f"][i]
+
+
+def test_a_reused_torch_tensor_leaves_the_stored_sample_intact(sqlite_url: str) -> None:
+    import torch
+
+    net = torch.nn.Linear(100, 3)
+    x = torch.arange(200, dtype=torch.float32).reshape(2, 100)
+    with Monitor(sqlite_url, sample_rate=1.0) as mon:
+        expected = net(x).detach().argmax(dim=1).tolist()
+        mon.wrap(net, name="torch-reuse")(x)
+        x.fill_(-999.0)  # a serving loop refills its input tensor in place
+        rows = _samples(mon, "torch-reuse")
+    assert [r.features["max"] for r in rows] == [99.0, 199.0]
+    assert [r.outputs["top_class"] for r in rows if r.outputs] == expected
+    np.testing.assert_array_equal(rows[1].raw["arg0"], np.arange(100, 200))  # type: ignore[index]
