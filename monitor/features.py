@@ -186,7 +186,7 @@ def _raw_rows(inputs: Mapping[str, Any], n: int, max_bytes: int) -> list[bytes |
     per_row = sum(a[0].nbytes for a in arrays.values()) if n else 0
     if per_row > max_bytes:
         return [None] * n
-    return pack_rows(arrays, n)
+    return list(pack_rows(arrays, n))
 
 
 def pack_rows(arrays: Mapping[str, np.ndarray], n: int) -> list[bytes]:
@@ -195,12 +195,12 @@ def pack_rows(arrays: Mapping[str, np.ndarray], n: int) -> list[bytes]:
     The format of :func:`monitor.storage.pack_arrays` (read by ``unpack_arrays``), about three
     times faster for many rows: each array's ``.npy`` header is built once.
     """
-    headers = {}
+    headers: dict[str, tuple[str, bytes]] = {}
     for name, a in arrays.items():
         buf = io.BytesIO()
-        header = {"descr": np.lib.format.dtype_to_descr(a.dtype), "fortran_order": False,
-                  "shape": a.shape[1:]}  # fmt: skip
-        np.lib.format.write_array_header_1_0(buf, header)
+        spec = {"descr": np.lib.format.dtype_to_descr(a.dtype), "fortran_order": False,
+                "shape": a.shape[1:]}  # fmt: skip
+        np.lib.format.write_array_header_1_0(buf, spec)
         headers[name] = (name + ".npy", buf.getvalue())
     out = []
     for i in range(n):
