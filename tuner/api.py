@@ -503,7 +503,7 @@ def page(request: Request) -> HTMLResponse:
 
 @service.get("/docs", response_class=HTMLResponse, include_in_schema=False)
 def docs(request: Request) -> HTMLResponse:
-    """Swagger UI from the assets of the ``swagger-ui-bundle`` package (no CDN: works offline)."""
+    """Swagger UI from the assets of the ``fastapi-offline`` package (no CDN: works offline)."""
     nonce = secrets.token_urlsafe(16)
     html = request.app.state.docs_page.replace("__NONCE__", nonce)
     csp = (  # Swagger UI sets inline style attributes and draws icons from data: URIs
@@ -659,8 +659,6 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
 
     A database made here is disposed of when the app shuts down; a passed one stays open.
     """
-    from swagger_ui_bundle import swagger_ui_path
-
     app = FastAPI(
         title="tunewatch", version=_version(), description=DESCRIPTION,
         openapi_tags=TAGS, lifespan=_lifespan, docs_url=None, redoc_url=None,
@@ -678,7 +676,9 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.include_router(api)
     app.include_router(service)
-    app.mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+    # Swagger UI 5 from fastapi-offline: swagger-ui-bundle's 4.15 cannot read OpenAPI 3.1.
+    assets = str(resources.files("fastapi_offline").joinpath("static"))
+    app.mount("/docs/assets", StaticFiles(directory=assets), name="swagger-ui")
     app.add_middleware(Guard, settings=settings)
     return app
 
