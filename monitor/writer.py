@@ -475,37 +475,46 @@ class Writer:
         for mv, n in written.items():
             self._raw_used[mv] = self._raw_used.get(mv, 0) + n
         budget = int(self.settings.raw_reservoir_mb * (1 << 20))
-        for mv in [mv for mv, used in self._raw_used.items() if used > budget]:
+        now = time.monotonic()
+        for mv, used in list(self._raw_used.items()):
+            # Other processes (and earlier runs) write raw rows of the same version too: the
+            # true total is re-read on this process's first write and every RAW_RESYNC_S.
+            stale = mv in written and now - self._raw_synced.get(mv, -RAW_RESYNC_S) >= RAW_RESYNC_S
+            if not stale and used <= budget:
+                continue
             try:
+                if stale:
+                    self._raw_used[mv], self._raw_synced[mv] = self._raw_total(mv), now
                 self._trim_raw(mv, budget)
             except Exception as exc:  # telemetry is written; the next flush tries again
                 log.warning("tunewatch: cannot trim raw samples of %s:%s (%s)", *mv, exc)
 
+    def _raw_total(self, mv: tuple[str, str]) -> int:
+        from sqlalchemy import func, select
+
+        t = schema.Sample
+        stmt = select(func.sum(t.raw_bytes)).where(t.model == mv[0], t.version == mv[1])
+        with self.db.session() as s:
+            return int(s.execute(stmt).scalar() or 0)
+
     def _trim_raw(self, mv: tuple[str, str], budget: int) -> None:
         """Clear raw arrays (keeping the summary rows) of ``mv``'s oldest samples until its
-        raw bytes fit ``budget``, in batches of :data:`RAW_CLEAR_BATCH` rows."""
-        from sqlalchemy import func, select, update
+        raw bytes fit ``budget``, in at most RAW_CLEAR_BATCHES batches of RAW_CLEAR_BATCH."""
+        from sqlalchemy import select, update
 
         t = schema.Sample
         mine = (t.model == mv[0], t.version == mv[1], t.raw_bytes.is_not(None))
-        now = time.monotonic()
-        if now - self._raw_synced.get(mv, -RAW_RESYNC_S) >= RAW_RESYNC_S:
-            # Other processes write raw rows of the same version: re-read the true total.
-            with self.db.session() as s:
-                total = s.execute(select(func.sum(t.raw_bytes)).where(*mine)).scalar()
-            self._raw_used[mv], self._raw_synced[mv] = int(total or 0), now
         for _ in range(RAW_CLEAR_BATCHES):
             excess = self._raw_used[mv] - budget
             if excess <= 0:
                 return
             stmt = select(t.id, t.raw_bytes, t.ts).where(*mine).order_by(t.ts, t.id)
-            floor = self._raw_floor.get(mv)
+            floor = self._raw_floor.get(mv)  # older rows are cleared already: skip them fast
             if floor is not None:
                 stmt = stmt.where(t.ts >= floor)
+            ids, freed = [], 0
             with self.db.session() as s:
-                oldest = s.execute(stmt.limit(RAW_CLEAR_BATCH)).all()
-                ids, freed = [], 0
-                for row_id, size, ts in oldest:
+                for row_id, size, ts in s.execute(stmt.limit(RAW_CLEAR_BATCH)).all():
                     if freed >= excess:
                         break
                     ids.append(row_id)
@@ -513,11 +522,14 @@ class Writer:
                     self._raw_floor[mv] = ts
                 if ids:
                     s.execute(update(t).where(t.id.in_(ids)).values(raw=None, raw_bytes=None))
-            if not ids:  # nothing left to clear: the total was stale
-                self._raw_used[mv] = max(0, self._raw_used[mv] - excess)
+            if ids:
+                self._raw_used[mv] -= freed
+                self.count("raw_rows_cleared", len(ids))
+            elif floor is not None:  # a row backfilled before the floor: look from the start
+                del self._raw_floor[mv]
+            else:  # nothing left to clear: the total was stale
+                self._raw_used[mv] = 0
                 return
-            self._raw_used[mv] -= freed
-            self.count("raw_rows_cleared", len(ids))
 
     def _forget_closed_intervals(self, now: datetime) -> None:
         horizon_s = now.timestamp() - 6 * self.settings.aggregate_interval_s

@@ -184,3 +184,23 @@ def test_a_reused_torch_tensor_leaves_the_stored_sample_intact(sqlite_url: str) 
     assert [r.features["max"] for r in rows] == [99.0, 199.0]
     assert [r.outputs["top_class"] for r in rows if r.outputs] == expected
     np.testing.assert_array_equal(rows[1].raw["arg0"], np.arange(100, 200))  # type: ignore[index]
+
+
+def test_a_new_process_trims_what_earlier_ones_left_over_budget(sqlite_url: str) -> None:
+    def send(budget_bytes: int, values: range) -> int:
+        with Monitor(sqlite_url, sample_rate=1.0, raw_reservoir_mb=budget_bytes / (1 << 20)) as mon:
+            model = mon.wrap(lambda x: x[:, :3], name="restart")
+            for i in values:
+                model(np.full((1, 1000), i, dtype=np.float32))
+            assert mon.flush()
+            return int(mon.stats()["counters"].get("raw_rows_cleared", 0))
+
+    assert send(1 << 20, range(30)) == 0  # a roomy budget: all 30 raw rows kept
+    cleared = send(40_000, range(30, 31))  # restarted with a small one: it re-reads the total
+    db = storage.Database(sqlite_url)
+    with db.session() as s:
+        kept = s.execute(select(func.sum(schema.Sample.raw_bytes))).scalar()
+    newest = storage.read_samples(db, "restart", with_raw=True)[-1]
+    db.dispose()
+    assert cleared >= 20 and kept <= 40_000
+    assert newest.raw is not None and newest.raw["arg0"][0] == 30
