@@ -220,7 +220,14 @@ def retune_requests(db: Database, status: str | None = "pending") -> list[Retune
 
 
 class Notifier:
-    """Tells people about opened and resolved events: the log, and an optional webhook."""
+    """Tells people about opened and resolved events: the log, and an optional webhook.
+
+    The webhook body is JSON with a one-line ``text`` (what Slack and Mattermost incoming
+    webhooks post as is) beside the structured ``event`` (or ``message`` for plain notes).
+
+    >>> Notifier.text_of("event 3 opened, warning", "clf:v2 latency x1.4 <p95>")
+    '[tunewatch] event 3 opened, warning: clf:v2 latency x1.4 &lt;p95&gt;'
+    """
 
     def __init__(
         self,
@@ -241,14 +248,23 @@ class Notifier:
         log.log(level, "event %s %s: %s", event.id, event.action, event.summary)
         if not self.webhook_url:
             return True
-        return self._post({"event": event.to_dict()})
+        head = f"{event.kind} {event.action}, {event.severity} (event {event.id})"
+        return self._post({"text": self.text_of(head, event.summary), "event": event.to_dict()})
 
     def notify_text(self, text: str) -> bool:
         """Send a plain message (e.g. a promotion waiting for approval). Never raises."""
         log.warning("%s", text)
         if not self.webhook_url:
             return True
-        return self._post({"message": text})
+        return self._post({"text": self.text_of("", text), "message": text})
+
+    @staticmethod
+    def text_of(head: str, body: str) -> str:
+        """The chat line: ``[tunewatch] head: body``, with Slack's three control characters
+        (``&``, ``<``, ``>``) escaped so a summary cannot form a link or a mention."""
+        line = f"{head}: {body}" if head else body
+        escaped = line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        return f"[tunewatch] {escaped}"
 
     def _post(self, payload: dict[str, Any]) -> bool:
         import httpx

@@ -341,3 +341,42 @@ def test_app_opens_its_own_database_from_the_settings(settings: Settings, db: Da
     with TestClient(app) as c:
         r = c.get("/api/promotions", headers=AUTH)
     assert r.status_code == 200 and app.state.owns_db and app.state.db is not db
+
+
+def test_metrics_export_recent_latency_histograms_per_arm(api: Api) -> None:
+    from monitor import sketch
+
+    now = utcnow()
+    rows = [  # (instance, arm, minutes ago, latencies in ms)
+        ("a", "champion", 1, [2.0] * 45 + [40.0] * 5),
+        ("b", "champion", 2, [2.0] * 45 + [40.0] * 5),  # a second process: merged exactly
+        ("a", "challenger", 1, [1.0] * 20),
+        ("a", "champion", 60, [900.0] * 500),  # an hour old: outside the window, not read
+    ]
+    with api.db.session() as s:
+        for instance, arm, ago, latencies in rows:
+            buckets: dict[str, int] = {}
+            for ms in latencies:
+                key = str(sketch.bucket_of(ms))
+                buckets[key] = buckets.get(key, 0) + 1
+            s.add(schema.LatencyAggregate(
+                instance_id=instance, model="clf", version="v2", arm=arm,
+                interval_start=now - timedelta(minutes=ago), interval_s=10, calls=len(latencies),
+                errors=0, items=len(latencies), sum_ms=sum(latencies), min_ms=min(latencies),
+                max_ms=max(latencies), p50_ms=0, p95_ms=0, p99_ms=0, buckets=buckets,
+                error_types={}, updated_at=now,
+            ))  # fmt: skip
+    with api.client(token=None) as c:
+        text = c.get("/metrics").text
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name.startswith("tunewatch_recent_latency_ms")]  # fmt: skip
+    got = {(s.name, s.labels["arm"], s.labels.get("le")): s.value for s in samples}
+    assert got[("tunewatch_recent_latency_ms_bucket", "champion", "1.5")] == 0
+    assert got[("tunewatch_recent_latency_ms_bucket", "champion", "2")] == 90
+    assert got[("tunewatch_recent_latency_ms_bucket", "champion", "30")] == 90
+    assert got[("tunewatch_recent_latency_ms_bucket", "champion", "50")] == 100
+    assert got[("tunewatch_recent_latency_ms_bucket", "champion", "+Inf")] == 100
+    assert got[("tunewatch_recent_latency_ms_gsum", "champion", None)] == 90 * 2.0 + 10 * 40.0
+    assert got[("tunewatch_recent_latency_ms_bucket", "challenger", "1")] == 20
+    assert got[("tunewatch_recent_latency_ms_gcount", "challenger", None)] == 20
+    assert {s.labels["version"] for s in samples} == {"v2"}

@@ -17,12 +17,17 @@ from datetime import timedelta
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+)
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from monitor import schema
+from monitor import schema, sketch
 from monitor.errors import StorageError
 from monitor.storage import Database, utcnow
 from tuner.experiments import STATUSES as EXPERIMENT_STATUSES
@@ -31,6 +36,9 @@ from tuner.promotions import STATUSES as PROMOTION_STATUSES
 log = logging.getLogger("tunewatch.metrics")
 
 RECENT = timedelta(minutes=5)
+# Bucket bounds (ms) of the latency histograms: fine enough for p95/p99 from 0.25 ms to 10 s.
+LATENCY_BOUNDS_MS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150,
+                     200, 300, 500, 750, 1000, 2000, 5000, 10000)  # fmt: skip
 DROP_PREFIX = "dropped_"
 
 
@@ -66,6 +74,7 @@ def _families(s: Session) -> Iterator[Any]:
     yield _events(s)
     yield _drops(s)
     yield from _recent_calls(s)
+    yield _recent_latency(s)
 
 
 def _job_runs(s: Session) -> Iterator[Any]:
@@ -147,6 +156,46 @@ def _recent_calls(s: Session) -> Iterator[GaugeMetricFamily]:
         errors.add_metric([model, version, arm], int(n_errors or 0))
     yield calls
     yield errors
+
+
+def _recent_latency(s: Session) -> GaugeHistogramMetricFamily:
+    """Latency of the last 5 minutes per model, version and arm, as a gauge histogram.
+
+    Built from the stored per-interval histograms of that window only (a bounded read): each
+    scrape shows the recent distribution, so ``histogram_quantile(0.95,
+    tunewatch_recent_latency_ms_bucket)`` needs no ``rate()``.
+    """
+    t = schema.LatencyAggregate
+    stmt = select(t.model, t.version, t.arm, t.buckets, t.sum_ms).where(
+        t.interval_start >= utcnow() - RECENT
+    )
+    hists: dict[tuple[str, str, str], dict[int, int]] = {}
+    sums: dict[tuple[str, str, str], float] = {}
+    for model, version, arm, buckets, sum_ms in s.execute(stmt):
+        key = (model, version, arm)
+        hists[key] = sketch.merge((hists.get(key, {}), buckets))
+        sums[key] = sums.get(key, 0.0) + float(sum_ms or 0.0)
+    family = GaugeHistogramMetricFamily(
+        "tunewatch_recent_latency_ms",
+        "Latency (ms) of the calls recorded in the last 5 minutes",
+        labels=["model", "version", "arm"],
+    )
+    for key in sorted(hists):
+        family.add_metric(list(key), _cumulative(hists[key]), sums[key])
+    return family
+
+
+def _cumulative(hist: dict[int, int]) -> list[tuple[str, float]]:
+    """Prometheus ``le`` buckets of a sketch histogram (each sketch bucket by its value)."""
+    values = sorted((sketch.bucket_value(i), n) for i, n in hist.items())
+    out, seen, j = [], 0, 0
+    for bound in LATENCY_BOUNDS_MS:
+        while j < len(values) and values[j][0] <= bound:
+            seen += values[j][1]
+            j += 1
+        out.append((f"{bound:g}", float(seen)))
+    out.append(("+Inf", float(sum(hist.values()))))
+    return out
 
 
 def render_metrics(db: Database) -> tuple[bytes, str]:
