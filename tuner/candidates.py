@@ -11,7 +11,8 @@ import copy
 import io
 import logging
 import shutil
-import threading
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -329,32 +330,38 @@ def quiet() -> Iterator[None]:
 def preprocess(model: Path, out: Path) -> Path:
     """Run ``quant_pre_process`` (shape inference + optimization); retry without symbolic shapes.
 
-    MiniLM-like graphs defeat symbolic shape inference, hence the fallback.
-    """
-    from onnxruntime.quantization import quant_pre_process
+    MiniLM-like graphs defeat symbolic shape inference, hence the fallback. ORT's symbolic shape
+    inference saves ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data`` file into the working
+    directory, so it runs in a child process whose working directory is the run's: changing
+    the directory of this process would move relative paths (a SQLite URL, say) under every
+    other thread of a serving process.
 
+    Raises:
+        TunerError: pre-processing failed both ways (the child's last error line is quoted).
+    """
     model, out = Path(model).resolve(), Path(out).resolve()
-    with quiet(), in_directory(out.parent):
-        try:
-            quant_pre_process(str(model), str(out))
-        except Exception:  # symbolic shape inference raises assorted errors
-            quant_pre_process(str(model), str(out), skip_symbolic_shape=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _PREPROCESS, str(model), str(out)],
+        cwd=out.parent, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0 or not out.is_file():
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise TunerError(f"quant_pre_process of {str(model)!r} failed: {last}")
     return out
 
 
-_CWD_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def in_directory(path: Path) -> Iterator[None]:
-    """Run the block with ``path`` as the working directory, one thread at a time.
-
-    ORT's symbolic shape inference saves ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data``
-    file into the working directory when it cannot infer every shape; inside a run's work
-    directory they stay with the run instead of littering the caller's directory.
-    """
-    with _CWD_LOCK, contextlib.chdir(path):
-        yield
+# Run in the child by preprocess(): argv = [model, out].
+_PREPROCESS = """
+import logging, sys, warnings
+warnings.simplefilter("ignore")
+logging.disable(logging.WARNING)
+from onnxruntime.quantization import quant_pre_process
+model, out = sys.argv[1], sys.argv[2]
+try:
+    quant_pre_process(model, out)
+except Exception:  # symbolic shape inference raises assorted errors
+    quant_pre_process(model, out, skip_symbolic_shape=True)
+"""
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> int:
