@@ -36,7 +36,7 @@ pytest: $(STAMP)
 test: lint types pytest
 
 bench: $(STAMP)
-	for b in overhead writer detection tuning serving sequential batching_micro; do \
+	for b in overhead writer detection tuning serving sequential batching_micro retention; do \
 		$(BIN)/python bench/$$b.py || exit 1; done
 
 clean:

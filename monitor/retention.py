@@ -257,13 +257,19 @@ class _Pruner:
             key = (r.model, r.version, r.arm, datetime.fromtimestamp(epoch, timezone.utc))
             groups.setdefault(key, []).append(r)
         t = schema.LatencyAggregate
-        for (model, version, arm, start), members in groups.items():
-            instance = f"{ROLLUP_PREFIX}{step}"
-            target = s.scalars(
-                select(t).where(t.instance_id == instance, t.model == model,
-                                t.version == version, t.arm == arm, t.interval_start == start)
+        instance = f"{ROLLUP_PREFIX}{step}"
+        starts = [key[3] for key in groups]
+        existing = {  # the batch's rows of this resolution written by earlier runs, locked
+            (r.model, r.version, r.arm, as_utc(r.interval_start)): r
+            for r in s.scalars(
+                select(t).where(t.instance_id == instance,
+                                t.model.in_({key[0] for key in groups}),
+                                t.interval_start >= min(starts), t.interval_start <= max(starts))
                 .with_for_update()
-            ).first()  # fmt: skip
+            )
+        }  # fmt: skip
+        for (model, version, arm, start), members in groups.items():
+            target = existing.get((model, version, arm, start))
             if target is None:
                 target = t(instance_id=instance, model=model, version=version, arm=arm,
                            interval_start=start, interval_s=step, calls=0, errors=0, items=0,

@@ -45,7 +45,7 @@ def _quantiles(db: Database, start: datetime, end: datetime) -> list[float]:
 
 
 def test_rolled_up_percentiles_equal_the_raw_ones_within_the_sketch_error(db_url: str) -> None:
-    settings = _settings(db_url)
+    settings = _settings(db_url, retention_batch_rows=100)  # steps split across batches
     ranges = {  # hour-aligned ranges: 3 days old -> minute rows, 40 days old -> hour rows
         60: NOW.replace(minute=0, second=0) - timedelta(days=3),
         3600: NOW.replace(minute=0, second=0) - timedelta(days=40),
