@@ -131,9 +131,8 @@ def test_jobs_register_idempotently(sqlite_url: str) -> None:
         ids = sorted(j.id for j in scheduler.get_jobs())
         scheduler.shutdown(wait=False)
     db.dispose()
-    assert ids == [
-        "drift_detection", "experiment_analysis", "fidelity", "latency_detection", "retune", "x"
-    ]
+    assert ids == ["drift_detection", "experiment_analysis", "fidelity", "latency_detection",
+                   "retention", "retune", "x"]  # fmt: skip
 
 
 def test_bad_job_references_are_clear_errors() -> None:
