@@ -7,6 +7,7 @@ interpolation of ``${VAR}``, bind mounts, build contexts, start-up conditions an
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -140,7 +141,7 @@ def test_images_are_pinned() -> None:
         if "build" in service:
             continue  # built here from the Dockerfile, whose base image is checked below
         repo, _, tag = image.rpartition(":") if "@" not in image else (image, "", "")
-        assert "@sha256:" in image or re.match(r"\d+\.\d+", tag), f"{name}: {image}"
+        assert "@sha256:" in image or re.match(r"v?\d+\.\d+", tag), f"{name}: {image}"
         assert repo
 
 
@@ -297,3 +298,31 @@ def test_dockerfile_copies_only_what_exists_and_is_not_ignored() -> None:
             hits = [p for p in ignored if fnmatch.fnmatch(source, p.lstrip("*/"))]
             assert not hits, f"{source} is excluded by .dockerignore {hits}"
     assert {".git", ".venv", ".env"} <= set(ignored)
+
+
+def test_prometheus_scrapes_tunewatch_serve() -> None:
+    svc = services()
+    prom, tw = svc["prometheus"], svc["tunewatch"]
+    ((source, target),) = bind_sources(prom)
+    assert f"--config.file={target}" in prom["command"]
+    config = yaml.safe_load((ROOT / source).read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "tunewatch"]
+    (targets,) = [c["targets"] for c in job["static_configs"]]
+    assert job.get("metrics_path", "/metrics") == "/metrics"  # the route that needs no token
+    assert targets == [f"tunewatch:{environment(tw)['TUNEWATCH_API_PORT']}"]
+    assert "/-/ready" in " ".join(prom["healthcheck"]["test"])
+    assert prom["depends_on"]["tunewatch"]["condition"] == "service_healthy"
+    assert any(v.startswith("prometheus-data:") for v in prom["volumes"])
+    assert "prometheus-data" in compose()["volumes"]
+
+
+def test_grafana_provisions_the_alert_rules() -> None:
+    grafana = services()["grafana"]
+    mounts = {Path(source).as_posix(): target for source, target in bind_sources(grafana)}
+    assert mounts["dashboards/alerting"] == "/etc/grafana/provisioning/alerting"
+    rules = list((ROOT / "dashboards" / "alerting").glob("*.yaml"))
+    assert rules
+    for path in rules:  # Grafana expands $NAME in labels: templates belong in annotations
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                assert "$" not in json.dumps(rule.get("labels", {})), rule["uid"]
