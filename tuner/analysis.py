@@ -152,9 +152,11 @@ def _decide(
         return "rollback", f"guardrail: challenger error rate is higher ({errors.reason})"
     if fid["verdict"] == "worse":
         return "rollback", f"guardrail: {fid['reason']}"
+    restores = fid["verdict"] == "restores"  # then disagreeing with the champion is the point
     rate = agreement.get("rate")
     if (
-        rate is not None
+        not restores
+        and rate is not None
         and agreement.get("compared", 0) >= exp.min_samples
         and (rate < settings.experiment_min_agreement)
     ):
@@ -163,7 +165,7 @@ def _decide(
             f"{agreement['source']} comparisons (< {settings.experiment_min_agreement:.0%})"
         )
     enough = min(champ["calls"], chall["calls"]) >= exp.min_samples
-    if enough and fid["verdict"] == "restores":
+    if enough and restores:
         return "promote", f"{fid['reason']}, latency within the guardrail ({slower.reason})"
     judged = fid["verdict"] in ("same", "no_data")  # a few raw rows are not yet a verdict
     if enough and faster.regressed and agreement.get("ok", True) and judged:
