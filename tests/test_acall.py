@@ -99,3 +99,27 @@ def test_unbatched_awaited_calls_answer_each_caller(sqlite_url: str, tmp_path: P
         mon.flush()
         rows = read_aggregates(mon.db, "m", arm="champion")
     assert sum(r.calls for r in rows) == CONCURRENT and sum(r.errors for r in rows) == 0
+
+
+def test_a_cancelled_awaited_call_leaves_the_batch_and_never_runs(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    import pytest
+
+    _register(sqlite_url, tmp_path)
+    with Monitor(sqlite_url, sample_rate=0.0) as mon:
+        dep = mon.deployment("m", poll_s=60, batching=True, max_batch_size=8,
+                             max_delay_ms=60_000)  # fmt: skip
+
+        async def cancel_one() -> None:
+            task = asyncio.ensure_future(dep.acall({"x": np.ones((1, 4), dtype=np.float32)}))
+            await asyncio.sleep(0)  # the call reaches the batcher's queue and waits there
+            assert dep.batching_stats()["champion"]["pending"] == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(cancel_one())
+        dep.close()  # runs what is queued: the cancelled item is skipped
+        stats = dep.batching_stats()["champion"]
+    assert stats["items"] == 0 and stats["batches"] == 0 and stats["pending"] == 0
