@@ -4,13 +4,28 @@ For each model, in one run: torch eager fp32, ORT fp32, plain ``quantize_dynamic
 and the tuner's winner, side by side at one thread (throughput at batch 32, p95 at batch 1,
 accuracy); then the smart search against the exhaustive search over the same space.
 
+Every runtime's threads are pinned (ORT intra- and inter-op, torch, OpenMP/MKL through the
+environment before any import), every measured point records the process's CPU time per wall
+time, and a point whose ratio disagrees with its thread count is flagged and kept out of the
+claims. Each row stands beside the physical ceiling of the cores it used: the peak MAC rate of
+this CPU (bench/peak/peak.c, compiled at bench time) over the MACs of one item in the graph.
+
     .venv/bin/python bench/tuning.py            # both models, writes bench/README_tuning.md
     .venv/bin/python bench/tuning.py --models digits --no-exhaustive
+    .venv/bin/python bench/tuning.py --quick    # seconds: digits only, no search comparison
 """
 
 from __future__ import annotations
 
+import os
+
+# Before numpy/torch load: their OpenMP/MKL pools size themselves from these at import time.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
+import contextlib
 import datetime
 import importlib
 import inspect
@@ -29,6 +44,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peak.ceiling import ceiling_items_per_s, graph_macs, peaks, probe
 
 from tuner.batch_search import MeasureConfig, measure_batch
 from tuner.candidates import Runner, SearchSpace
@@ -70,6 +88,7 @@ class ModelBench:
     exhaustive: dict[str, Any] = field(default_factory=dict)
     head_to_head: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    macs_per_item: float = 0.0
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -98,33 +117,89 @@ def docstring_sentences(limit: int, seed: int = 0) -> list[str]:
 # -- measuring ------------------------------------------------------------------------------
 
 
-def side_by_side(variants: list[tuple[str, RunFn]], rounds: int = 3) -> dict[str, dict[str, float]]:
+# A point's CPU time per wall time may stray this far from its thread count before it is flagged.
+PIN_TOLERANCE = 0.15
+
+
+def pin_threads(threads: int) -> None:
+    """Pin torch's intra- and inter-op pools (ORT sessions get theirs from RuntimeOptions)."""
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # settable once, before any inter-op work
+        torch.set_num_interop_threads(1)
+
+
+def pinning_flag(cpu_per_wall: float, threads: int, tolerance: float = PIN_TOLERANCE) -> str:
+    """Return why a point's CPU time per wall time disagrees with its thread count, or "".
+
+    Above ``threads`` more cores worked than the row claims; below it the process waited for
+    cores that other jobs held, so its wall-clock rate understates the runtime.
+    """
+    if cpu_per_wall > threads * (1 + tolerance):
+        return f"over: cpu/wall {cpu_per_wall:.2f} for {threads} thread(s)"
+    if cpu_per_wall < threads * (1 - tolerance):
+        return f"starved: cpu/wall {cpu_per_wall:.2f} for {threads} thread(s)"
+    return ""
+
+
+def measure_point(
+    run: RunFn, batch: int, threads: int, config: MeasureConfig | None = None
+) -> dict[str, Any]:
+    """Measure one batch size and the process's CPU time per wall time while it ran."""
+    config = config or MeasureConfig(warmup_runs=3, window_runs=8, min_window_s=0.3, max_windows=8)
+    wall, cpu = time.perf_counter(), time.process_time()
+    point = measure_batch(run, batch, config)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    ratio = cpu / max(wall, 1e-9)
+    return {
+        "batch": batch,
+        "threads": threads,
+        "throughput": point.throughput,
+        "p50_ms": point.p50_ms,
+        "p95_ms": point.p95_ms,
+        "stable": point.stable,
+        "cpu_per_wall": ratio,
+        "items_per_cpu_s": point.throughput / max(ratio, 1e-9),
+        "flag": pinning_flag(ratio, threads),
+    }
+
+
+def side_by_side(
+    variants: list[tuple[str, RunFn]], rounds: int = 3, threads: int = 1
+) -> dict[str, dict[str, Any]]:
     """Measure every variant in turn, ``rounds`` times, and keep each one's medians.
 
-    Interleaving spreads the load of other jobs on this shared machine over all variants.
+    Interleaving spreads the load of other jobs on this shared machine over all variants. A
+    round whose batch-32 point is flagged (:func:`pinning_flag`) is left out of the medians
+    when another round is clean; the row says how many rounds it kept.
     """
-    config = MeasureConfig(warmup_runs=3, window_runs=8, min_window_s=0.3, max_windows=8)
-    samples: dict[str, list[tuple[float, float, float, bool]]] = {n: [] for n, _ in variants}
+    pin_threads(threads)
+    samples: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {n: [] for n, _ in variants}
     for _ in range(rounds):
         for name, run in variants:
-            big = measure_batch(run, SIDE_BATCH, config)
-            one = measure_batch(run, 1, config)
             samples[name].append(
-                (big.throughput, one.p50_ms, one.p95_ms, big.stable and one.stable)
+                (measure_point(run, SIDE_BATCH, threads), measure_point(run, 1, threads))
             )
+    return {name: _medians(rows) for name, rows in samples.items()}
+
+
+def _medians(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """Return the medians of a variant's clean rounds (all rounds if none was clean)."""
+    clean = [r for r in rows if not r[0]["flag"]]
+    kept = clean or rows
     return {
-        name: {
-            "throughput_b32": float(np.median([s[0] for s in rows])),
-            "p50_b1_ms": float(np.median([s[1] for s in rows])),
-            "p95_b1_ms": float(np.median([s[2] for s in rows])),
-            "stable_rounds": float(sum(s[3] for s in rows)),
-        }
-        for name, rows in samples.items()
+        "throughput_b32": float(np.median([b["throughput"] for b, _ in kept])),
+        "items_per_cpu_s": float(np.median([b["items_per_cpu_s"] for b, _ in kept])),
+        "p50_b1_ms": float(np.median([o["p50_ms"] for _, o in kept])),
+        "p95_b1_ms": float(np.median([o["p95_ms"] for _, o in kept])),
+        "cpu_per_wall": [round(b["cpu_per_wall"], 3) for b, _ in rows],
+        "rounds_kept": len(clean),
+        "rounds": len(rows),
+        "flag": "" if clean else rows[0][0]["flag"],
     }
 
 
 def ort_run_fn(path: Path, feeds: Feeds, options: RuntimeOptions = RuntimeOptions()) -> RunFn:
-    """Return run(b) for an ONNX file at one thread."""
+    """Return run(b) for an ONNX file (one intra-op and one inter-op thread by default)."""
     session = load_session(path, options)
     batches: dict[int, Feeds] = {}
 
@@ -136,8 +211,7 @@ def ort_run_fn(path: Path, feeds: Feeds, options: RuntimeOptions = RuntimeOption
 
 
 def torch_run_fn(module: torch.nn.Module, feeds: Feeds, keywords: bool) -> RunFn:
-    """Return run(b) for a torch module in eager mode, one thread."""
-    torch.set_num_threads(1)
+    """Return run(b) for a torch module in eager mode (threads pinned by the caller)."""
     batches: dict[int, dict[str, torch.Tensor]] = {}
 
     def run(b: int) -> object:
@@ -374,25 +448,36 @@ def bench_minilm(args: argparse.Namespace) -> ModelBench:
     smart, full = run_tunes(bench, kwargs, not args.no_exhaustive)
     plain = plain_quantize_dynamic(base, workdir / "plain-dynamic.onnx")
     variants = [
-        ("torch eager fp32", torch_run_fn(model, evaluation, keywords=True), reference),
-        ("ORT fp32", ort_run_fn(base, evaluation), ort_outputs(base, evaluation)),
+        ("torch eager fp32", torch_run_fn(model, evaluation, keywords=True), reference, "fp32"),
+        ("ORT fp32", ort_run_fn(base, evaluation), ort_outputs(base, evaluation), "fp32"),
         (
             "ORT quantize_dynamic (defaults)",
             ort_run_fn(plain, evaluation),
             ort_outputs(plain, evaluation),
+            "int8",
         ),
     ]
     if smart.winner:
         run, runner = winner_run_fn(smart, evaluation)
         out = np.concatenate([runner.run(part)[0] for part in _chunks(evaluation, 64)])
-        variants.append((f"tuner winner: {smart.winner.name}", run, out))
+        variants.append((f"tuner winner: {smart.winner.name}", run, out, _precision(smart)))
+    bench.macs_per_item = graph_macs(base, evaluation)
     wait_for_quiet()
-    speed = side_by_side([(name, run) for name, run, _ in variants])
-    for name, _, out in variants:
-        bench.rows.append({"variant": name, **speed[name], **_cos(reference, out)})
+    speed = side_by_side([(name, run) for name, run, _, _ in variants])
+    for name, _, out, precision in variants:
+        bench.rows.append(
+            {"variant": name, "precision": precision, **speed[name], **_cos(reference, out)}
+        )
     if full and smart.winner and full.winner:
         bench.head_to_head = head_to_head(smart, full, holdout)
     return bench
+
+
+def _precision(result: TuneResult) -> str:
+    """Return "int8" for a quantized winner, else "fp32" (the ceiling its row is held to)."""
+    assert result.winner
+    kind = result.winner.config.get("kind")
+    return "fp32" if kind in ("fp32", "fp16") else "int8"
 
 
 def _cos(reference: np.ndarray, out: np.ndarray) -> dict[str, float]:
@@ -479,21 +564,27 @@ def bench_digits(args: argparse.Namespace) -> ModelBench:
     with torch.inference_mode():
         torch_logits = model(torch.from_numpy(x[test])).numpy()
     variants = [
-        ("torch eager fp32", torch_run_fn(model, evaluation, keywords=False), torch_logits),
-        ("ORT fp32", ort_run_fn(base, evaluation), ort_outputs(base, evaluation)),
+        ("torch eager fp32", torch_run_fn(model, evaluation, keywords=False), torch_logits, "fp32"),
+        ("ORT fp32", ort_run_fn(base, evaluation), ort_outputs(base, evaluation), "fp32"),
         (
             "ORT quantize_dynamic (defaults)",
             ort_run_fn(plain, evaluation),
             ort_outputs(plain, evaluation),
+            "int8",
         ),
     ]
     if smart.winner:
         run, runner = winner_run_fn(smart, evaluation)
-        variants.append((f"tuner winner: {smart.winner.name}", run, runner.run(evaluation)[0]))
+        winner_out = runner.run(evaluation)[0]
+        variants.append((f"tuner winner: {smart.winner.name}", run, winner_out, _precision(smart)))
+    bench.macs_per_item = graph_macs(base, evaluation)
     wait_for_quiet()
-    speed = side_by_side([(name, run) for name, run, _ in variants])
-    for name, _, logits in variants:
-        bench.rows.append({"variant": name, **speed[name], "test_accuracy": _acc(logits, y[test])})
+    speed = side_by_side([(name, run) for name, run, _, _ in variants])
+    for name, _, logits, precision in variants:
+        acc = _acc(logits, y[test])
+        bench.rows.append(
+            {"variant": name, "precision": precision, **speed[name], "test_accuracy": acc}
+        )
     if full and smart.winner and full.winner:
         bench.head_to_head = head_to_head(smart, full, {"input": x[hold]})
     return bench
@@ -517,8 +608,8 @@ def tune_config() -> MeasureConfig:
     return MeasureConfig(warmup_runs=2, window_runs=5, min_window_s=0.1, max_windows=6)
 
 
-def machine() -> dict[str, str]:
-    """Return nproc, CPU model, date and library versions."""
+def machine() -> dict[str, Any]:
+    """Return nproc, CPU model, date, library versions and this CPU's peak MAC rates."""
     import onnxruntime
 
     model = next(
@@ -529,6 +620,7 @@ def machine() -> dict[str, str]:
         ),
         platform.processor(),
     )
+    raw = probe()
     return {
         "nproc": str(cpu_count()),
         "cpu": model,
@@ -537,11 +629,25 @@ def machine() -> dict[str, str]:
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "loadavg_at_start": Path("/proc/loadavg").read_text().split()[0],
+        "peak_probe": raw,
+        "peak": peaks(raw),
     }
 
 
-def write_readme(info: dict[str, str], benches: list[ModelBench], args: argparse.Namespace) -> None:
+def with_ceilings(
+    rows: list[dict[str, Any]], peak: dict[str, Any], macs: float, threads: int = 1
+) -> list[dict[str, Any]]:
+    """Add each row's ceiling (items/s its cores could compute at most) and its share of it."""
+    for r in rows:
+        limit = ceiling_items_per_s(peak[r["precision"]]["gmacs"], macs, threads)
+        r["ceiling"] = limit
+        r["of_ceiling"] = r["throughput_b32"] / limit
+    return rows
+
+
+def write_readme(info: dict[str, Any], benches: list[ModelBench], args: argparse.Namespace) -> None:
     """Write the measured numbers as Markdown."""
+    peak = info["peak"]
     lines = [
         "# Tuner benchmark (`bench/tuning.py`)",
         "",
@@ -549,14 +655,22 @@ def write_readme(info: dict[str, str], benches: list[ModelBench], args: argparse
         f"Python {info['python']}, torch {info['torch']}, onnxruntime {info['onnxruntime']}. "
         f"Other jobs shared the CPUs (1-min load average {info['loadavg_at_start']} at start, "
         f"{Path('/proc/loadavg').read_text().split()[0]} at the end).",
+        f"Peak of one core (bench/peak/peak.c, GMAC/s per CPU second): fp32 "
+        f"{peak['fp32']['gmacs']:.1f} ({peak['fp32']['kernel']}), int8 "
+        f"{peak['int8']['gmacs']:.1f} ({peak['int8']['kernel']}).",
         f"SLO (p95): MiniLM {args.slo_minilm:g} ms, digits {args.slo_digits:g} ms. "
-        "Side-by-side rows: one intra-op thread; throughput at batch 32, latency at batch 1; "
-        "variants measured in turn, 3 rounds, medians shown.",
+        "Side-by-side rows: one intra-op thread (torch, ORT intra/inter-op and OpenMP pinned); "
+        "throughput at batch 32, latency at batch 1; variants measured in turn, 3 rounds, "
+        "medians of the rounds whose CPU time per wall time matched one thread "
+        f"(within {PIN_TOLERANCE:.0%}); `cpu/wall` lists every round's ratio. "
+        "Ceiling: the peak of one core over the graph's MACs per item (fp32 or int8 peak by the "
+        "row's arithmetic).",
         "",
     ]
     for b in benches:
-        lines += [f"## {b.name}", "", *[f"- {n}" for n in b.notes], ""]
-        lines += _side_table(b.rows)
+        lines += [f"## {b.name}", "", *[f"- {n}" for n in b.notes]]
+        lines += [f"- {b.macs_per_item / 1e6:.2f} M MACs per item (MatMul/Gemm/Conv)", ""]
+        lines += _side_table(with_ceilings(b.rows, peak, b.macs_per_item))
         lines += ["", *_search_lines(b), ""]
     old = README.read_text() if README.exists() else ""
     # Hand-written analysis below the marker survives a re-run.
@@ -565,21 +679,24 @@ def write_readme(info: dict[str, str], benches: list[ModelBench], args: argparse
 
 
 def _side_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Return the side-by-side table."""
+    """Return the side-by-side table; a flagged row says why its number is not a claim."""
     accuracy_keys = [
         k for k in ("mean_cosine", "min_cosine", "test_accuracy") if rows and k in rows[0]
     ]
     head = (
-        "| variant | items/s @32 | x torch | p50 @1 (ms) | p95 @1 (ms) | "
-        + " | ".join(accuracy_keys)
-        + " |"
+        "| variant | items/s @32 | x torch | ceiling | of ceiling | cpu/wall (rounds) | "
+        "p50 @1 (ms) | p95 @1 (ms) | " + " | ".join(accuracy_keys) + " |"
     )
-    out = [head, "|" + "---|" * (5 + len(accuracy_keys))]
+    out = [head, "|" + "---|" * (8 + len(accuracy_keys))]
     eager = rows[0]["throughput_b32"] if rows else 1.0
     for r in rows:
         acc = " | ".join(f"{r[k]:.4f}" for k in accuracy_keys)
+        ratios = ", ".join(f"{x:.2f}" for x in r["cpu_per_wall"])
+        flag = f" **flagged: {r['flag']}**" if r["flag"] else ""
         out.append(
-            f"| {r['variant']} | {r['throughput_b32']:.1f} | {r['throughput_b32'] / eager:.2f} | "
+            f"| {r['variant']} | {r['throughput_b32']:.1f}{flag} | "
+            f"{r['throughput_b32'] / eager:.2f} | {r['ceiling']:.0f} {r['precision']} | "
+            f"{r['of_ceiling']:.0%} | {ratios} ({r['rounds_kept']}/{r['rounds']} kept) | "
             f"{r['p50_b1_ms']:.2f} | {r['p95_b1_ms']:.2f} | {acc} |"
         )
     return out
@@ -618,6 +735,31 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def check_pinning(rounds: int = 2) -> list[dict[str, Any]]:
+    """Measure a small MLP in torch eager and ORT at one thread; return each point.
+
+    Unpinned, both runtimes would use every core of this machine for a batch of 64 x 512
+    through 2048-wide layers; pinned, CPU time per wall time stays at or below one.
+    """
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(512, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 512)
+    ).eval()
+    feeds = {"input": np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32)}
+    path = export_onnx(model, {"input": feeds["input"][:2]}, OUT / "pinning" / "mlp.onnx")
+    variants = [
+        ("torch eager fp32", torch_run_fn(model, feeds, keywords=False)),
+        ("ORT fp32", ort_run_fn(path, feeds)),
+    ]
+    config = MeasureConfig(warmup_runs=2, window_runs=5, min_window_s=0.1, max_windows=4)
+    pin_threads(1)
+    return [
+        {"variant": name, **measure_point(run, 64, 1, config)}
+        for _ in range(rounds)
+        for name, run in variants
+    ]
+
+
 def main() -> None:
     """Run the benchmark and write bench/out/tuning.json and bench/README_tuning.md."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -626,8 +768,16 @@ def main() -> None:
     parser.add_argument("--slo-minilm", type=float, default=100.0)
     parser.add_argument("--slo-digits", type=float, default=5.0)
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument(
+        "--check-pinning",
+        action="store_true",
+        help="seconds: measure a small MLP in torch and ORT at one thread, print JSON, exit",
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.check_pinning:
+        print(json.dumps(check_pinning()))
+        return
     info = machine()
     benches = []
     for name in args.models.split(","):
