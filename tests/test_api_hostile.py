@@ -6,6 +6,7 @@ real uvicorn server on 127.0.0.1.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,16 +141,22 @@ def test_status_filters_are_enums_for_both_lists(url: str) -> None:
         assert "zzz" not in str(status["schema"]) and "enum" in str(status["schema"])
 
 
-def test_database_errors_are_a_generic_500(url: str, db: Database) -> None:
+def test_database_errors_are_a_generic_500(
+    url: str, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
     with db.engine.begin() as conn:
         conn.execute(text("DROP TABLE audit_log"))
-    with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+    logged = caplog.at_level(logging.ERROR, logger="tunewatch.api")
+    with logged, httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
         r = c.get("/api/audit", params={"model": "clf"})
     assert r.status_code == 500
     detail = r.json()["detail"]
     assert detail.startswith("internal database error (reference ")
     for leak in ("audit_log", "SELECT", "clf", "postgres", "127.0.0.1", "sqlite", "test"):
         assert leak not in detail
+    reference = detail.split("reference ")[1].split(")")[0]
+    (line,) = [r.getMessage() for r in caplog.records if reference in r.getMessage()]
+    assert "audit_log" in line  # the detail is in the server's log, under the reference
 
 
 def test_without_auth_only_loopback_host_headers_pass(settings: Settings, db: Database) -> None:
