@@ -158,7 +158,7 @@ def test_serve_runs_the_api_beside_the_scheduler(sqlite_url: str, tmp_path: Path
         os.environ,
         PYTHONPATH=os.getcwd(),
         TUNEWATCH_DATABASE_URL=sqlite_url,
-        TUNEWATCH_API_TOKEN="s3cret",
+        TUNEWATCH_API_TOKEN="s3cret-scheduler-token-0123",
         TUNEWATCH_LATENCY_JOB_INTERVAL_S="1",
     )
     proc = subprocess.Popen(
@@ -178,7 +178,7 @@ def test_serve_runs_the_api_beside_the_scheduler(sqlite_url: str, tmp_path: Path
             except httpx.HTTPError:
                 time.sleep(0.2)
         assert httpx.get(f"{base}/api/promotions").status_code == 401
-        auth = {"Authorization": "Bearer s3cret"}
+        auth = {"Authorization": "Bearer s3cret-scheduler-token-0123"}
         assert httpx.get(f"{base}/api/promotions", headers=auth).json() == {"promotions": []}
         time.sleep(2.5)  # the latency job runs every second
         metrics = httpx.get(f"{base}/metrics").text
