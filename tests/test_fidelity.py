@@ -154,6 +154,10 @@ def test_the_text_output_names_the_verdict(
     sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings, db = setup(sqlite_url, tmp_path)
+    assert main(["fidelity", "clf", "--database-url", sqlite_url]) == 0
+    assert capsys.readouterr().out == (
+        "clf:v1 vs source v1: is_source on 0 rows: clf:v1 is its own source: nothing to compare\n"
+    )
     make_champion(db, derive(db, settings, tmp_path, "stale", degraded))
     serve(sqlite_url, 40)
     assert main(["fidelity", "clf", "--database-url", sqlite_url]) == 0

@@ -566,7 +566,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     if args.json:
         print_json(out)
         return 0
-    verdict = {True: "PASSED", False: "FAILED", None: out["status"]}[out["passed"]]
+    verdict = ("PASSED" if out["passed"] else "FAILED") if out["status"] == "ok" else out["status"]
     print(f"{out['model']}:{out['version']} vs source {out['source_version']}: {verdict} "
           f"on {out['rows']} rows: {out['message']}")  # fmt: skip
     if out["event_id"] is not None:
