@@ -126,7 +126,10 @@ class Sample(Base):
     """One sampled input row with its output summary; ``raw`` is an ``.npz`` of the row."""
 
     __tablename__ = "samples"
-    __table_args__ = (Index("ix_samples_lookup", "model", "version", "ts"),)
+    __table_args__ = (
+        Index("ix_samples_lookup", "model", "version", "ts"),
+        Index("ix_samples_request", "model", "request_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     model: Mapped[str] = mapped_column(String(200))
@@ -140,6 +143,9 @@ class Sample(Base):
     raw: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     # Size of ``raw`` in bytes, so the per-version raw reservoir is bounded without reading it.
     raw_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The caller's id of the prediction (``Monitor.log(ids=...)``, ``mon.context(request_id=)``),
+    # what labels join on (migration 0006).
+    request_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class TelemetryCounter(Base):
@@ -515,3 +521,28 @@ class FidelityCheck(Base):
     status: Mapped[str] = mapped_column(String(30))
     message: Mapped[str] = mapped_column(Text, default="")
     event_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+# --- ground truth (migration 0006) -------------------------------------------------------
+
+
+class Label(Base):
+    """The true outcome of one prediction, joined to samples by (model, request_id).
+
+    One row per id: a later label for the same id replaces it (``updates`` counts how often).
+    ``value`` is a class index or a target value; NULL when the label was missing (NaN).
+    """
+
+    __tablename__ = "labels"
+    __table_args__ = (
+        UniqueConstraint("model", "request_id", name="uq_labels_model_request_id"),
+        Index("ix_labels_model_ts", "model", "ts"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(200))
+    request_id: Mapped[str] = mapped_column(String(200))
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ts: Mapped[datetime]  # when the outcome happened (the caller's timestamp, else received_at)
+    received_at: Mapped[datetime]
+    updates: Mapped[int] = mapped_column(Integer, default=0)
