@@ -337,7 +337,9 @@ def _drift_finding(comp: DriftComparison) -> Finding | None:
 
 def default_detectors(settings: Settings) -> list[Detector]:
     """The detectors `tunewatch detect` runs."""
-    return [LatencyDetector(settings), DriftDetector(settings)]
+    from monitor.performance import PerformanceDetector
+
+    return [LatencyDetector(settings), DriftDetector(settings), PerformanceDetector(settings)]
 
 
 def run_detection(

@@ -29,6 +29,7 @@ KINDS = (
     "data_drift",
     "prediction_drift",
     "fidelity_drop",
+    "performance_drop",
     "experiment_rollback",
     "promotion_rollback",
 )

@@ -75,7 +75,16 @@ class Settings:
     drift_min_rows: int = 30
     drift_alpha: float = 0.05
     drift_correction: str = "fdr_bh"
-    retune_on: str = "latency_regression,data_drift,fidelity_drop"
+    retune_on: str = "latency_regression,data_drift,fidelity_drop,performance_drop"
+    # Realized performance (labels joined to predictions): recent window vs reference window.
+    performance_recent_s: int = 3600
+    performance_reference_s: int = 86_400
+    performance_reference_start: str = ""
+    performance_reference_end: str = ""
+    performance_tolerance: float = 0.03  # accuracy points, or a fraction of the reference MAE
+    performance_alpha: float = 0.05
+    performance_min_labels: int = 100  # labelled predictions each window needs for a verdict
+    performance_job_interval_s: int = 900
     # Fidelity to the source: raw rows replayed per check.
     fidelity_rows: int = 256
     # Scheduler.
@@ -120,7 +129,7 @@ class Settings:
     def __post_init__(self) -> None:
         for name in (
             "span_sample_rate", "sample_rate", "latency_alpha", "drift_alpha",
-            "experiment_min_agreement", "experiment_alpha",
+            "experiment_min_agreement", "experiment_alpha", "performance_alpha",
         ):  # fmt: skip
             _rate(name, getattr(self, name))
         for name in (
@@ -131,6 +140,8 @@ class Settings:
             "analysis_job_interval_s", "experiment_min_samples", "experiment_max_duration_s",
             "promotion_watch_s", "api_max_body_bytes",
             "tune_slo_ms", "fidelity_rows", "fidelity_job_interval_s",
+            "performance_recent_s", "performance_reference_s", "performance_min_labels",
+            "performance_job_interval_s",
         ):  # fmt: skip
             _positive(name, getattr(self, name))
         for name in ("sample_cap_per_minute", "raw_max_values", "tabular_max_columns",
@@ -155,7 +166,7 @@ class Settings:
                 f"{', '.join(map(repr, DRIFT_CORRECTIONS))}"
             )
         for name in ("latency_tolerance", "experiment_latency_tolerance",
-                     "experiment_improvement_margin"):  # fmt: skip
+                     "experiment_improvement_margin", "performance_tolerance"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name}={getattr(self, name)!r} must be >= 0")
         if not self.database_url:
