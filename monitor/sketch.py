@@ -73,3 +73,29 @@ def expand(hist: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray]:
     keys = sorted(hist)
     values = np.array([bucket_value(int(k)) for k in keys], dtype=float)
     return values, np.array([hist[k] for k in keys], dtype=np.int64)
+
+
+def interpolated(hist: Mapping[int, int], max_points: int | None = None) -> np.ndarray:
+    """A sorted sample that spreads each bucket's calls evenly (in log space) across it.
+
+    Bucket ``i`` holds latencies in ``(GAMMA**(i-1), GAMMA**i]``. Treating the histogram as
+    log-uniform within each bucket and reading it at evenly spaced ranks gives one distinct
+    value per call (or per ``max_points`` slice), so rank statistics and their intervals are
+    not stuck on shared bucket values (ties put estimates on interval bounds).
+
+    >>> h = {bucket_of(2.0): 4}
+    >>> v = interpolated(h)
+    >>> len(set(v.round(6))), bool(all(abs(v / 2.0 - 1) < 2 * RELATIVE_ERROR))
+    (4, True)
+    """
+    keys = np.array(sorted(k for k, c in hist.items() if c > 0), dtype=np.int64)
+    if keys.size == 0:
+        return np.empty(0, dtype=float)
+    counts = np.array([hist[int(k)] for k in keys], dtype=np.float64)
+    cum = np.cumsum(counts)
+    total = int(cum[-1])
+    n = total if max_points is None else min(total, max_points)
+    ranks = (np.arange(n) + 0.5) * (total / n)
+    idx = np.minimum(np.searchsorted(cum, ranks, side="right"), keys.size - 1)
+    frac = (ranks - (cum[idx] - counts[idx])) / counts[idx]
+    return np.exp((keys[idx] - 1 + frac) / _INV_LOG_GAMMA)

@@ -11,7 +11,7 @@ latency for the median, a bootstrap interval for p95)? Only "yes" to both flags.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -346,4 +346,173 @@ def _no_verdict(
         tolerance=tolerance,
         alpha=alpha,
         reason=reason,
+    )
+
+
+# --- one two-sided verdict of a challenger against a champion ---------------------------
+
+
+@dataclass(frozen=True)
+class LatencyEffect:
+    """One verdict on a challenger's latency against the champion's, in one direction.
+
+    ``median_ratio`` is challenger / champion (below 1: faster) with a two-sided ``1 - alpha``
+    interval (95 % at the default ``alpha``), as is ``p95_ratio``; ``p_value`` is the
+    two-sided Mann-Whitney p-value, so ``direction`` is ``faster`` or ``slower`` exactly when
+    ``p_value < alpha``, and ``no_difference`` otherwise. ``regressed``: slower with the whole
+    median or p95 interval above ``1 + tolerance``. ``improved``: faster with the whole median
+    interval below ``1 / (1 + margin)``. ``reason`` says it in one line, e.g. ``challenger
+    faster: median x1.36 [1.35, 1.38], p50 3.10 -> 2.28 ms, Mann-Whitney p < 1e-100``.
+    """
+
+    status: str  # ok | insufficient_data
+    direction: str  # faster | slower | no_difference | insufficient_data
+    regressed: bool
+    improved: bool
+    n_champion: int
+    n_challenger: int
+    p_value: float | None
+    median_ratio: float | None
+    median_ci: tuple[float, float] | None
+    p50_champion: float | None
+    p50_challenger: float | None
+    p95_champion: float | None
+    p95_challenger: float | None
+    p95_ratio: float | None
+    p95_ci: tuple[float, float] | None
+    confidence: float
+    tolerance: float
+    margin: float
+    alpha: float
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain, JSON-serialisable fields (intervals become lists)."""
+        out = asdict(self)
+        for key in ("median_ci", "p95_ci"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out
+
+    def effect(self) -> tuple[str, float, tuple[float, float]] | None:
+        """The median effect in the verdict's direction: ``("faster", 1.36, (1.35, 1.38))``.
+
+        A faster challenger's factor is champion / challenger, so it always reads as "x > 1".
+        """
+        if self.median_ratio is None or self.median_ci is None:
+            return None
+        lo, hi = self.median_ci
+        if self.direction == "faster":
+            return "faster", 1.0 / self.median_ratio, (1.0 / hi, 1.0 / lo)
+        return "slower", self.median_ratio, (lo, hi)
+
+
+def latency_effect(
+    champion: npt.ArrayLike,
+    challenger: npt.ArrayLike,
+    *,
+    tolerance: float = 0.10,
+    margin: float = 0.0,
+    alpha: float = 0.05,
+    min_samples: int = 50,
+    max_points: int = 5000,
+    seed: int = 0,
+) -> LatencyEffect:
+    """Compare a challenger's latencies (ms) with the champion's: one direction, one interval.
+
+    The same Hodges-Lehmann shift and Moses interval as :func:`compare_latencies`, two-sided
+    at level ``1 - alpha`` (each one-sided test at ``alpha / 2``), so the error-rate and
+    fidelity tests, at ``1 - alpha`` too, are read at one confidence level. Pass per-call
+    latencies, or :func:`monitor.sketch.interpolated` histograms: tied values (raw bucket
+    representatives) put the estimate on an interval bound.
+
+    Raises:
+        ConfigError: a setting is invalid.
+
+    >>> rng = np.random.default_rng(1)
+    >>> e = latency_effect(rng.lognormal(np.log(3.1), 0.2, 2000),
+    ...                    rng.lognormal(np.log(2.3), 0.2, 2000))
+    >>> e.direction, e.improved, e.reason.split(":")[0]
+    ('faster', True, 'challenger faster')
+    """
+    _check_settings(tolerance, alpha, min_samples, max_points)
+    if not (isinstance(margin, (int, float)) and 0.0 <= margin < 10.0):
+        raise ConfigError(f"margin={margin!r} is invalid: use a fraction in [0, 10), e.g. 0.0")
+    base, n_base = _thin(champion, None, max_points, "champion")
+    new, n_new = _thin(challenger, None, max_points, "challenger")
+    empty = LatencyEffect(
+        "insufficient_data", "insufficient_data", False, False, n_champion=n_base,
+        n_challenger=n_new, p_value=None, median_ratio=None, median_ci=None, p50_champion=None,
+        p50_challenger=None, p95_champion=None, p95_challenger=None, p95_ratio=None,
+        p95_ci=None, confidence=1.0 - alpha, tolerance=tolerance, margin=margin, alpha=alpha,
+        reason="",
+    )  # fmt: skip
+    short = [(n, arm) for n, arm in ((n_base, "champion"), (n_new, "challenger"))
+             if n < min_samples]  # fmt: skip
+    if short:
+        n, arm = short[0]
+        return replace(
+            empty, reason=f"insufficient data: {n:,} of {min_samples:,} calls in the {arm} arm"
+        )
+    shift = mann_whitney_hl(np.log(base), np.log(new), alpha / 2.0)
+    p_faster = float(stats.mannwhitneyu(new, base, alternative="less").pvalue)
+    p_value = min(1.0, 2.0 * min(shift.p_value, p_faster if np.isfinite(p_faster) else 1.0))
+    ratio, ci = math.exp(shift.shift), (math.exp(shift.ci[0]), math.exp(shift.ci[1]))
+    boot = _bootstrap_quantile(new, P95, seed) / _bootstrap_quantile(base, P95, seed + 1)
+    p95_ci = tuple(float(v) for v in np.quantile(boot, [alpha / 2.0, 1.0 - alpha / 2.0]))
+    p95_base, p95_new = _order_quantile(base, P95), _order_quantile(new, P95)
+    direction = "no_difference" if p_value >= alpha else ("slower" if ratio > 1.0 else "faster")
+    limit = 1.0 + tolerance
+    regressed = direction == "slower" and (ci[0] > limit or p95_ci[0] > limit)
+    improved = direction == "faster" and ci[1] < 1.0 / (1.0 + margin)
+    effect = replace(
+        empty, status="ok", direction=direction, regressed=regressed, improved=improved,
+        p_value=p_value, median_ratio=ratio, median_ci=ci,
+        p50_champion=_order_quantile(base, 0.5), p50_challenger=_order_quantile(new, 0.5),
+        p95_champion=p95_base, p95_challenger=p95_new, p95_ratio=p95_new / p95_base,
+        p95_ci=(p95_ci[0], p95_ci[1]),
+    )  # fmt: skip
+    return replace(effect, reason=_effect_reason(effect))
+
+
+def format_effect(value: float, ci: tuple[float, float]) -> str:
+    """``x1.36 [1.35, 1.38]``, with as many decimals as keep the estimate off the bounds.
+
+    >>> format_effect(1.3612, (1.3549, 1.3771))
+    'x1.36 [1.35, 1.38]'
+    >>> format_effect(1.3612, (1.3571, 1.3649))
+    'x1.361 [1.357, 1.365]'
+    """
+    for digits in (2, 3, 4):
+        lo, mid, hi = (f"{v:.{digits}f}" for v in (ci[0], value, ci[1]))
+        if lo != mid != hi:
+            break
+    return f"x{mid} [{lo}, {hi}]"
+
+
+def format_p(p: float) -> str:
+    """``p=0.041``, ``p=3.2e-07``, or ``p < 1e-100`` below what a float test can resolve."""
+    if p < 1e-100:
+        return "p < 1e-100"
+    return f"p={p:.2g}" if p >= 1e-3 else f"p={p:.1e}"
+
+
+def _effect_reason(e: LatencyEffect) -> str:
+    eff = e.effect()
+    assert eff is not None and e.p_value is not None
+    label, factor, ci = eff
+    head = {"faster": "challenger faster", "slower": "challenger slower",
+            "no_difference": "no significant difference"}[e.direction]  # fmt: skip
+    if e.direction == "slower" and not e.regressed:
+        head += f", within the x{1 + e.tolerance:.2f} tolerance"
+    elif e.regressed:
+        head += f", beyond the x{1 + e.tolerance:.2f} tolerance"
+    noun = "median" if e.direction != "no_difference" else "median ratio"
+    if e.direction == "no_difference":
+        factor, ci = e.median_ratio or 1.0, e.median_ci or (1.0, 1.0)
+    return (
+        f"{head}: {noun} {format_effect(factor, ci)} ({100 * e.confidence:.0f} % CI), "
+        f"p50 {e.p50_champion:.3g} -> {e.p50_challenger:.3g} ms, "
+        f"p95 {e.p95_champion:.3g} -> {e.p95_challenger:.3g} ms, "
+        f"Mann-Whitney {format_p(e.p_value)}"
     )

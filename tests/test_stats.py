@@ -7,8 +7,15 @@ import json
 import numpy as np
 import pytest
 
+from monitor import sketch
 from monitor.errors import ConfigError, InsufficientData
-from monitor.stats import compare_latencies, mann_whitney_hl
+from monitor.stats import (
+    compare_latencies,
+    format_effect,
+    format_p,
+    latency_effect,
+    mann_whitney_hl,
+)
 
 
 def lognormal(median_ms: float, sigma: float, n: int, seed: int) -> np.ndarray:
@@ -148,3 +155,89 @@ def test_bad_settings_raise_config_error(kwargs: dict[str, object], match: str) 
     values = lognormal(50, 0.3, 100, 19)
     with pytest.raises(ConfigError, match=match):
         compare_latencies(values, values, **kwargs)  # type: ignore[arg-type]
+
+
+# --- one two-sided verdict per comparison (experiments, promotions) ---------------------
+
+
+def _hist(values: np.ndarray) -> dict[int, int]:
+    keys, counts = np.unique(sketch.buckets_of(values), return_counts=True)
+    return {int(k): int(c) for k, c in zip(keys, counts)}
+
+
+def test_a_faster_challenger_reads_as_one_speed_up_with_its_interval() -> None:
+    champion, challenger = lognormal(3.1, 0.2, 20000, 20), lognormal(2.3, 0.2, 20000, 21)
+    effect = latency_effect(champion, challenger)
+    assert (effect.status, effect.direction, effect.improved, effect.regressed) == (
+        "ok", "faster", True, False
+    )  # fmt: skip
+    label, factor, (lo, hi) = effect.effect() or ("", 0.0, (0.0, 0.0))
+    assert label == "faster" and lo < factor < hi and factor == pytest.approx(3.1 / 2.3, rel=0.02)
+    assert effect.reason == (
+        f"challenger faster: median {format_effect(factor, (lo, hi))} (95 % CI), "
+        f"p50 {effect.p50_champion:.3g} -> {effect.p50_challenger:.3g} ms, "
+        f"p95 {effect.p95_champion:.3g} -> {effect.p95_challenger:.3g} ms, "
+        "Mann-Whitney p < 1e-100"
+    )
+    assert json.loads(json.dumps(effect.to_dict()))["median_ci"] == list(effect.median_ci or ())
+
+
+@pytest.mark.parametrize(
+    ("median", "tolerance", "direction", "regressed", "head"),
+    [
+        (4.0, 0.10, "slower", True, "challenger slower, beyond the x1.10 tolerance: median x1.2"),
+        (3.2, 0.10, "slower", False, "challenger slower, within the x1.10 tolerance: median x1.0"),
+        (3.1, 0.10, "no_difference", False, "no significant difference: median ratio x"),
+    ],
+)
+def test_slower_and_equal_challengers_get_one_direction(
+    median: float, tolerance: float, direction: str, regressed: bool, head: str
+) -> None:
+    effect = latency_effect(
+        lognormal(3.1, 0.2, 20000, 22), lognormal(median, 0.2, 20000, 23), tolerance=tolerance
+    )
+    assert (effect.direction, effect.regressed, effect.improved) == (direction, regressed, False)
+    assert effect.reason.startswith(head), effect.reason
+    assert (effect.p_value or 0.0) < 0.05 if direction != "no_difference" else True
+
+
+def test_too_few_calls_is_its_own_verdict_never_ok() -> None:
+    effect = latency_effect(lognormal(3.1, 0.2, 500, 24), lognormal(3.1, 0.2, 22, 25))
+    assert (effect.status, effect.direction, effect.regressed, effect.improved) == (
+        "insufficient_data", "insufficient_data", False, False
+    )  # fmt: skip
+    assert effect.reason == "insufficient data: 22 of 50 calls in the challenger arm"
+    assert effect.effect() is None
+
+
+def test_interpolated_histograms_keep_the_estimate_inside_its_interval() -> None:
+    champion, challenger = lognormal(3.1, 0.05, 26000, 26), lognormal(2.3, 0.05, 26000, 27)
+    truth = latency_effect(champion, challenger)
+    h_champ, h_chall = _hist(champion), _hist(challenger)
+    # Bucket representatives tie: every pairwise difference is a multiple of the bucket width,
+    # so the estimate lands on an interval bound (the "x1.751 [1.751, 1.786]" of issue 12).
+    (v1, c1), (v2, c2) = sketch.expand(h_champ), sketch.expand(h_chall)
+    tied = latency_effect(np.repeat(v1, c1), np.repeat(v2, c2))
+    assert tied.median_ratio in (tied.median_ci or ())
+    spread = latency_effect(sketch.interpolated(h_champ), sketch.interpolated(h_chall))
+    lo, hi = spread.median_ci or (0.0, 0.0)
+    assert lo < (spread.median_ratio or 0.0) < hi
+    assert spread.median_ratio == pytest.approx(truth.median_ratio, rel=0.01)
+    assert (spread.n_champion, spread.n_challenger) == (26000, 26000)
+
+
+def test_interpolated_sample_has_the_histograms_counts_and_quantiles() -> None:
+    values = lognormal(50, 0.4, 3001, 28)
+    hist = _hist(values)
+    sample = sketch.interpolated(hist)
+    assert sample.size == 3001 and np.all(np.diff(sample) > 0)
+    for q in (0.05, 0.5, 0.95):
+        assert np.quantile(sample, q) == pytest.approx(np.quantile(values, q), rel=0.02)
+    assert sketch.interpolated(hist, max_points=100).size == 100
+    assert sketch.interpolated({}).size == 0
+
+
+def test_effects_print_with_enough_decimals_to_leave_the_bounds() -> None:
+    assert format_effect(1.3612, (1.3549, 1.3771)) == "x1.36 [1.35, 1.38]"
+    assert format_effect(1.3612, (1.3571, 1.3649)) == "x1.361 [1.357, 1.365]"
+    assert format_p(2e-300) == "p < 1e-100" and format_p(0.0412) == "p=0.041"
