@@ -132,7 +132,7 @@ def test_jobs_register_idempotently(sqlite_url: str) -> None:
         scheduler.shutdown(wait=False)
     db.dispose()
     assert ids == ["drift_detection", "experiment_analysis", "fidelity", "latency_detection",
-                   "retention", "retune", "x"]  # fmt: skip
+                   "performance_detection", "retention", "retune", "x"]  # fmt: skip
 
 
 def test_bad_job_references_are_clear_errors() -> None:

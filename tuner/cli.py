@@ -591,6 +591,46 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- labels and realized performance ---------------------------------------------------
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    """``tunewatch labels import NAME FILE``: join labels (CSV or Parquet: id,label) by id."""
+    from monitor.labels import import_labels
+
+    with _database(args) as (_settings, db):
+        report = import_labels(db, args.name, args.file, task=args.task)
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        print(report.summary())
+    return 0
+
+
+def cmd_performance(args: argparse.Namespace) -> int:
+    """``tunewatch performance NAME``: realized performance per version, arm and window."""
+    from monitor.performance import realized_performance
+
+    with _database(args) as (_settings, db):
+        rows = realized_performance(db, args.name, version=args.version, window=args.window,
+                                    windows=args.windows, task=args.task)  # fmt: skip
+    if args.json:
+        print_json({"model": args.name, "window_s": args.window.total_seconds(),
+                    "windows": [w.to_dict() for w in rows]})  # fmt: skip
+        return 0
+    if not rows:
+        print(f"{args.name}: no stored predictions in the last {args.windows} windows "
+              f"of {args.window}")  # fmt: skip
+        return 0
+    for w in rows:
+        shown = ", ".join(f"{k} {v:.4g} [{w.ci[k][0]:.4g}, {w.ci[k][1]:.4g}]"
+                          for k, v in w.metrics.items() if v is not None and k in w.ci)  # fmt: skip
+        print(f"{w.version} [{w.arm}] {w.start:%Y-%m-%d %H:%M}: {w.predictions} predictions, "
+              f"{w.labelled} labelled (coverage {100 * w.coverage:.1f}%)"
+              + (f": {shown}" if shown else ""))  # fmt: skip
+    return 0
+
+
 # --- serve -----------------------------------------------------------------------------
 
 
@@ -744,6 +784,26 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="judge running experiments once now", parents=[common])
     an.add_argument("name", nargs="?", help="only this model's experiment")
     an.set_defaults(func=cmd_analyze)
+
+    lb = sub.add_parser("labels", help="import labels (ground truth) by prediction id",
+                        parents=[common])  # fmt: skip
+    lbsub = lb.add_subparsers(dest="labels_command", required=True)
+    li = lbsub.add_parser("import", help="join a CSV or Parquet file of id,label to predictions",
+                          parents=[common])  # fmt: skip
+    li.add_argument("name")
+    li.add_argument("file")
+    li.add_argument("--task", choices=("auto", "classification", "regression"), default="auto")
+    lb.set_defaults(func=cmd_labels)
+
+    pf = sub.add_parser("performance", help="realized performance on labelled predictions",
+                        parents=[common])  # fmt: skip
+    pf.add_argument("name")
+    pf.add_argument("--version", help="only this version")
+    pf.add_argument("--window", type=parse_duration, default=timedelta(hours=1),
+                    help="window length (default 1h)")  # fmt: skip
+    pf.add_argument("--windows", type=int, default=24, help="how many windows back (default 24)")
+    pf.add_argument("--task", choices=("auto", "classification", "regression"), default="auto")
+    pf.set_defaults(func=cmd_performance)
 
     po = sub.add_parser("policy", help="show or set a model's automation policy",
                         parents=[common])  # fmt: skip

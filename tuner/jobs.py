@@ -79,6 +79,11 @@ def job_specs(settings: Settings) -> list[JobSpec]:
         ),
         JobSpec("retention", "tuner.jobs:retention", settings.retention_job_interval_s),
         JobSpec("fidelity", "tuner.jobs:fidelity", settings.fidelity_job_interval_s),
+        JobSpec(
+            "performance_detection",
+            "tuner.jobs:performance_detection",
+            settings.performance_job_interval_s,
+        ),
     ]
     return specs + parse_extra_jobs(settings.extra_jobs)
 
@@ -196,6 +201,16 @@ def drift_detection() -> dict[str, Any]:
 
     settings, db = context()
     events = run_detection(db, settings, detectors=[DriftDetector(settings)])
+    return {"events": [e.to_dict() for e in events]}
+
+
+def performance_detection() -> dict[str, Any]:
+    """Compare realized performance (labels joined to predictions) with its reference window."""
+    from monitor.detect import run_detection
+    from monitor.performance import PerformanceDetector
+
+    settings, db = context()
+    events = run_detection(db, settings, detectors=[PerformanceDetector(settings)])
     return {"events": [e.to_dict() for e in events]}
 
 
