@@ -141,3 +141,86 @@ def exclusion_plans(ranked: Sequence[NodeDamage], fractions: Sequence[float]) ->
             break
         plans.append([d.node for d in ranked[:count]])
     return plans
+
+
+def rank_dynamic_damage(
+    float_model: Path,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    per_channel: bool,
+    reduce_range: bool,
+    max_rows: int = 16,
+) -> list[NodeDamage]:
+    """Rank the MatMuls dynamic int8 would damage most, most damaged first.
+
+    Dynamic quantization leaves no QDQ pairs to compare, so each MatMul with a constant weight
+    is replayed the way the quantizer runs it, on its real inputs from ``feeds``: the input as
+    ``DynamicQuantizeLinear`` makes it (uint8, asymmetric, one scale for the whole tensor), the
+    weight as int8 symmetric (per column with ``per_channel``, 7 bits with ``reduce_range``).
+    A node's score is the SQNR (dB) of its product against the float product: what reaches
+    the next layer, so a weight outlier that only multiplies zeros still shows its damage.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(float_model))
+    weights = {init.name: init for init in model.graph.initializer}
+    nodes = [
+        n
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.name and len(n.input) == 2 and n.input[1] in weights
+    ]
+    activations = _intermediates(model, sorted({n.input[0] for n in nodes}), feeds, max_rows)
+    ranked = []
+    for n in nodes:
+        w = numpy_helper.to_array(weights[n.input[1]]).astype(np.float32)
+        wq = _fake_int8_weight(w, per_channel, reduce_range)
+        x = activations.get(n.input[0])
+        if x is None or w.ndim != 2:
+            sqnr, tensor = _sqnr(w, wq), n.input[1]
+        else:
+            sqnr, tensor = _sqnr(x @ w, _fake_uint8_dynamic(x) @ wq), n.output[0]
+        ranked.append(NodeDamage(n.name, n.op_type, _finite(sqnr), tensor))
+    return sorted(ranked, key=lambda d: d.sqnr_db)
+
+
+def _intermediates(
+    model: Any, names: Sequence[str], feeds: Mapping[str, np.ndarray], max_rows: int
+) -> dict[str, np.ndarray]:
+    """Return float values of graph tensors ``names`` on the first rows of ``feeds``."""
+    import onnx
+    import onnxruntime as ort
+
+    graph_inputs = {i.name for i in model.graph.input}
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    known = {o.name for o in exposed.graph.output}
+    wanted = [n for n in names if n not in graph_inputs]
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in known)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        exposed.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    sample = take_rows(feeds, slice(0, max_rows))
+    values = dict(zip(wanted, session.run(wanted, sample), strict=True)) if wanted else {}
+    values.update({n: sample[n] for n in names if n in graph_inputs and n in sample})
+    return {k: np.asarray(v, dtype=np.float32) for k, v in values.items()}
+
+
+def _fake_uint8_dynamic(x: np.ndarray) -> np.ndarray:
+    """Quantize-dequantize like ``DynamicQuantizeLinear``: uint8, range widened to hold 0."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255 or 1.0
+    zero = np.clip(np.round(-lo / scale), 0, 255)
+    q = np.clip(np.round(x / scale) + zero, 0, 255)
+    return (q - zero) * scale
+
+
+def _fake_int8_weight(w: np.ndarray, per_channel: bool, reduce_range: bool) -> np.ndarray:
+    """Quantize-dequantize a MatMul weight (K, N) as symmetric int8, per column if asked."""
+    qmax = 63 if reduce_range else 127
+    peak = np.abs(w).max(axis=0, keepdims=True) if per_channel else np.abs(w).max()
+    scale = np.where(peak > 0, peak / qmax, 1.0)
+    return np.clip(np.round(w / scale), -qmax, qmax) * scale

@@ -35,6 +35,7 @@ from tuner.onnx_tools import (
     iter_chunks,
     load_session,
     take_rows,
+    trim_padding,
 )
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     import torch
 
 # "incumbent" is the serving champion entered into a run as it is: measured, never built.
-Kind = Literal["fp32", "dynamic", "static", "torch_dynamic", "pruned", "fp16", "incumbent"]
+Kind = Literal["fp32", "dynamic", "fused", "static", "torch_dynamic", "pruned", "fp16", "incumbent"]
 OP_TYPES = {"all": None, "matmul": ["MatMul"], "matmul_conv": ["MatMul", "Gemm", "Conv"]}
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")
 ACTIVATION_TYPES = ("QUInt8", "QInt8")
@@ -117,6 +118,7 @@ class SearchSpace:
     dynamic_per_channel: tuple[bool, ...] = (True, False)
     dynamic_op_types: tuple[str, ...] = ("all", "matmul")
     dynamic_preprocess: tuple[bool, ...] = (True, False)
+    fused_op_types: tuple[str, ...] = ("all", "matmul")
     static_methods: tuple[str, ...] = CALIBRATION_METHODS
     static_activation_types: tuple[str, ...] = ACTIVATION_TYPES
     static_op_types: tuple[str, ...] = ("all", "matmul_conv")
@@ -132,7 +134,7 @@ class SearchSpace:
             _check_choice("static method", method, CALIBRATION_METHODS)
         for act in self.static_activation_types:
             _check_choice("activation type", act, ACTIVATION_TYPES)
-        for ops in (*self.static_op_types, *self.dynamic_op_types):
+        for ops in (*self.static_op_types, *self.dynamic_op_types, *self.fused_op_types):
             _check_choice("op-type set", ops, tuple(OP_TYPES))
         if any(not 0 < a < 1 for a in self.prune_amounts):
             raise TunerError(f"prune_amounts={self.prune_amounts} must lie in (0, 1)")
@@ -167,17 +169,60 @@ def enumerate_candidates(
     has_torch_module: bool,
     providers: Sequence[str] | None = None,
     vnni: bool | None = None,
+    transformer: bool | None = None,
 ) -> tuple[list[CandidateSpec], list[Skipped]]:
-    """Return the candidate specs of ``space`` and the ones skipped, each with its reason."""
+    """Return the candidate specs of ``space`` and the ones skipped, each with its reason.
+
+    ``transformer``: the graph has attention and layer norms (:func:`is_transformer_graph`),
+    so ORT's transformer fusions apply and the fused-graph candidates are tried; False lists
+    them as skipped; None (graph not known) leaves them out.
+    """
     vnni = cpu_has_vnni() if vnni is None else vnni
     specs: list[CandidateSpec] = []
     if space.fp32:
         specs.append(CandidateSpec("ort-fp32", "fp32", {"graph_optimization": "extended"}))
     specs += _dynamic_specs(space, reduce_range=not vnni)
+    fused = _fused_specs(space, reduce_range=not vnni)
+    fused_skipped = []
+    if transformer is None:
+        fused = []
+    elif not transformer:
+        reason = "not a transformer graph (no Softmax and LayerNormalization): nothing to fuse"
+        fused, fused_skipped = [], [Skipped(f.name, reason) for f in fused]
+    specs += fused
     specs += _static_specs(space, reduce_range=not vnni)
     torch_specs, skipped = _torch_specs(space, has_torch_module, reduce_range=not vnni)
     gpu_specs, gpu_skipped = _gpu_specs(space, providers)
-    return specs + torch_specs + gpu_specs, skipped + gpu_skipped
+    return specs + torch_specs + gpu_specs, fused_skipped + skipped + gpu_skipped
+
+
+def is_transformer_graph(model: Path) -> bool:
+    """Return True when the ONNX graph has Softmax and LayerNormalization nodes (attention)."""
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(model), load_external_data=False).graph.node}
+    return {"Softmax", "LayerNormalization"} <= ops
+
+
+def _fused_specs(space: SearchSpace, *, reduce_range: bool) -> list[CandidateSpec]:
+    """Return dynamic int8 specs of ORT's transformer-fused graph (Attention, SkipLayerNorm).
+
+    The fused graph runs attention, bias, GELU and residual layer norms as single kernels,
+    which a model file quantized op by op does not.
+    """
+    return [
+        CandidateSpec(
+            "fused-dynamic-s8-pc" + ("-matmul" if ops != "all" else ""),
+            "fused",
+            {
+                "weight_type": "QInt8",
+                "per_channel": True,
+                "reduce_range": reduce_range,
+                "op_types": ops,
+            },
+        )  # fmt: skip
+        for ops in space.fused_op_types
+    ]
 
 
 def _dynamic_specs(space: SearchSpace, *, reduce_range: bool) -> list[CandidateSpec]:
@@ -410,8 +455,14 @@ def quantize_dynamic_model(
     reduce_range: bool = False,
     op_types: str = "all",
     weight_type: str = "QInt8",
+    nodes_to_exclude: Sequence[str] = (),
+    extra_options: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a dynamic int8 model (weights int8, activations quantized at run time)."""
+    """Write a dynamic int8 model (weights int8, activations quantized at run time).
+
+    ``nodes_to_exclude`` stay in float (mixed precision); ``extra_options`` go to ORT's
+    quantizer (a fused transformer graph needs ``DefaultTensorType``).
+    """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -428,8 +479,32 @@ def quantize_dynamic_model(
             per_channel=per_channel,
             reduce_range=reduce_range,
             weight_type=getattr(QuantType, weight_type),
+            nodes_to_exclude=list(nodes_to_exclude) or None,
+            extra_options=dict(extra_options or {}),
         )
     return out
+
+
+def fuse_transformer(model: Path, out: Path) -> tuple[Path, dict[str, int]]:
+    """Write ORT's transformer-fused graph of ``model``; return it and the fused-op counts.
+
+    Python fusions only (``opt_level=0``): ORT's own offline optimizations would add ops the
+    quantizer cannot handle. Heads and hidden size are detected from the graph.
+
+    Raises:
+        TunerError: nothing was fused (not a BERT-like graph).
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with quiet():
+        fused = optimize_model(str(model), model_type="bert", opt_level=0)
+        counts = {k: int(v) for k, v in fused.get_fused_operator_statistics().items() if v}
+        fused.save_model_to_file(str(out))
+    kernels = {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu",
+               "FastGelu", "Gelu", "EmbedLayerNormalization"}  # fmt: skip
+    if not kernels & set(counts):
+        raise TunerError(f"ORT's transformer optimizer fused nothing in {model.name}: {counts}")
+    return out, counts
 
 
 def quantize_static_model(
@@ -544,6 +619,8 @@ class BuildContext:
         self.outputs = list(outputs)
         self.torch_module = torch_module
         self._preprocessed: Path | None = None
+        self._fused: Path | None = None
+        self.fused_counts: dict[str, int] = {}
 
     @property
     def preprocessed(self) -> Path:
@@ -551,6 +628,15 @@ class BuildContext:
         if self._preprocessed is None:
             self._preprocessed = preprocess(self.base, self.workdir / "base.pre.onnx")
         return self._preprocessed
+
+    @property
+    def fused(self) -> Path:
+        """Return ORT's transformer-fused base model, built once."""
+        if self._fused is None:
+            self._fused, self.fused_counts = fuse_transformer(
+                self.base, self.workdir / "base.fused.onnx"
+            )
+        return self._fused
 
     def artifact(self, name: str, suffix: str = ".onnx") -> Path:
         """Return the path of a candidate's artifact."""
@@ -604,14 +690,51 @@ def _build_dynamic(spec: CandidateSpec, ctx: BuildContext) -> BuildOutput:
     """Dynamic int8 from the pre-processed base model, or from the exported one."""
     p = spec.params
     out = quantize_dynamic_model(
-        ctx.preprocessed if p.get("preprocess", True) else ctx.base,
+        dynamic_source(spec, ctx),
         ctx.artifact(spec.name),
         per_channel=p["per_channel"],
         reduce_range=p["reduce_range"],
         op_types=p["op_types"],
         weight_type=p["weight_type"],
+        nodes_to_exclude=p.get("nodes_to_exclude", ()),
     )
-    return out, "onnxruntime", "", {}
+    return out, "onnxruntime", _float_note(p), {}
+
+
+def dynamic_source(spec: CandidateSpec, ctx: BuildContext) -> Path:
+    """Return the float graph a dynamic or fused candidate is quantized from."""
+    if spec.kind == "fused":
+        return ctx.fused
+    return ctx.preprocessed if spec.params.get("preprocess", True) else ctx.base
+
+
+def _float_note(params: Mapping[str, Any]) -> str:
+    """Say how many nodes a mixed-precision candidate keeps in float."""
+    excluded = params.get("nodes_to_exclude") or ()
+    return f"{len(excluded)} most damaged nodes left in float" if excluded else ""
+
+
+def _build_fused(spec: CandidateSpec, ctx: BuildContext) -> BuildOutput:
+    """Dynamic int8 of ORT's transformer-fused graph, with ``DefaultTensorType`` set.
+
+    Without a default tensor type the quantizer stops on the fused graph: the com.microsoft
+    ops' outputs have no inferred type.
+    """
+    import onnx
+
+    p = spec.params
+    out = quantize_dynamic_model(
+        ctx.fused,
+        ctx.artifact(spec.name),
+        per_channel=p["per_channel"],
+        reduce_range=p["reduce_range"],
+        op_types=p["op_types"],
+        weight_type=p["weight_type"],
+        nodes_to_exclude=p.get("nodes_to_exclude", ()),
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    notes = "; ".join(filter(None, [_float_note(p), f"fused ops {ctx.fused_counts}"]))
+    return out, "onnxruntime", notes, {}
 
 
 def _build_static(spec: CandidateSpec, ctx: BuildContext) -> BuildOutput:
@@ -686,6 +809,7 @@ def _build_fp16(spec: CandidateSpec, ctx: BuildContext) -> BuildOutput:
 _BUILDERS = {
     "fp32": _build_fp32,
     "dynamic": _build_dynamic,
+    "fused": _build_fused,
     "static": _build_static,
     "torch_dynamic": _build_torch_dynamic,
     "pruned": _build_pruned,
@@ -702,13 +826,17 @@ class Runner(Protocol):
 
 
 class OrtRunner:
-    """Runs an ONNX artifact in an ORT session."""
+    """Runs an ONNX artifact in an ORT session, padding trimmed per batch when ``trim`` names
+    the attention mask (:func:`tuner.onnx_tools.trim_padding`)."""
 
-    def __init__(self, path: Path, options: RuntimeOptions) -> None:
+    def __init__(self, path: Path, options: RuntimeOptions, trim: str | None = None) -> None:
         self.session = load_session(path, options)
+        self.trim = trim
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
         """Run one batch."""
+        if self.trim:
+            feeds = trim_padding(feeds, self.trim)
         return [np.asarray(out) for out in self.session.run(None, feeds)]
 
 
@@ -742,4 +870,4 @@ def open_runner(built: BuiltCandidate, options: RuntimeOptions) -> Runner:
         return TorchRunner(built, options)
     if built.spec.provider != CPU:
         options = RuntimeOptions(threads=options.threads, provider=built.spec.provider)
-    return OrtRunner(built.path, options)
+    return OrtRunner(built.path, options, built.extra.get("trim_padding"))

@@ -37,11 +37,14 @@ from tuner.candidates import (
     BuiltCandidate,
     CandidateSpec,
     Kind,
+    OrtRunner,
     Runner,
     SearchSpace,
     Skipped,
     build_candidate,
+    dynamic_source,
     enumerate_candidates,
+    is_transformer_graph,
     open_runner,
 )
 from tuner.errors import ArtifactError, NotEnoughSamples, TunerError
@@ -49,6 +52,7 @@ from tuner.guard import AccuracyGuard, GuardResult, Task, Tolerance
 from tuner.onnx_tools import (
     CPU,
     Feeds,
+    InputSpec,
     RuntimeOptions,
     as_feeds,
     describe_inputs,
@@ -232,6 +236,7 @@ def tune(
     finalists: int = 3,
     screen_batch_size: int | None = None,
     incumbent: Incumbent | None = None,
+    serving_clients: int | None = None,
 ) -> TuneResult:
     """Build, guard and measure the variants of ``base_onnx``; return the leaderboard and winner.
 
@@ -241,7 +246,10 @@ def tune(
     minimizes p95 at batch 1. The smart search screens at
     ``screen_batch_size`` (halved until the baseline meets the SLO), or by default at the batch
     size the baseline's own batch search picks: variants can rank differently at batch 32 than
-    at the batch size they will serve at.
+    at the batch size they will serve at. With ``serving_clients``, the winner's serving
+    configuration (threads x batch workers x batch size x delay) is then searched under that
+    many concurrent single-row callers (:func:`tuner.serving_search.search_serving`) and
+    returned in its config under ``serving``.
 
     Raises:
         NotEnoughSamples: fewer than 8 calibration or 16 held-out rows.
@@ -256,7 +264,10 @@ def tune(
     )
     data = _Data(calibration, holdout, labels)
     search = _Search(Path(base_onnx), Path(workdir), data, settings, torch_module, progress)
-    return search.run(exhaustive, incumbent)
+    result = search.run(exhaustive, incumbent)
+    if serving_clients and result.winner is not None:
+        result = search.with_serving(result, serving_clients)
+    return result
 
 
 @dataclass(frozen=True)
@@ -318,6 +329,7 @@ class _Search:
         self.progress = progress or (lambda step, done, total: None)
         self.measurements = 0
         reference = _outputs(open_runner(_base_candidate(base), RuntimeOptions()), self.holdout)
+        self.trim = _trim_mask(base, inputs, self.holdout, reference)
         self.guard = AccuracyGuard(
             reference, labels=data.labels, task=settings.task, tolerance=settings.tolerance
         )
@@ -334,6 +346,7 @@ class _Search:
             self.space,
             has_torch_module=self.ctx.torch_module is not None,
             providers=ort.get_available_providers(),
+            transformer=is_transformer_graph(self.ctx.base),
         )
         with _torch_threads_restored():
             entries = self._build_all(specs)
@@ -362,6 +375,26 @@ class _Search:
             screen_batch_size=None if exhaustive else self.screen_batch,
             incumbent=inc,
         )
+
+    def with_serving(self, result: TuneResult, clients: int) -> TuneResult:
+        """Search the winner's serving configuration under load; put it in its config."""
+        from tuner.serving_search import search_serving
+
+        w = result.winner
+        assert w is not None and w.artifact is not None
+        if w.config.get("runtime_engine", "onnxruntime") != "onnxruntime":
+            return result  # a deployment serves ONNX artifacts only
+        found = search_serving(
+            w.artifact, self.holdout, slo_ms=self.slo_ms, mask=self.trim, clients=clients,
+            graph_optimization=w.config["runtime"].get("graph_optimization", "all"),
+            progress=self.progress,
+        )  # fmt: skip
+        if found.best is None:
+            return result
+        serving = {**found.best.to_config(), "search": found.to_dict()}
+        winner = replace(w, config={**w.config, "serving": serving})
+        board = [winner if t is w else t for t in result.leaderboard]
+        return replace(result, leaderboard=board, winner=winner)
 
     # -- building and guarding -------------------------------------------------------------
 
@@ -406,6 +439,9 @@ class _Search:
         try:
             entry.built = build_candidate(spec, self.ctx)
             entry.sha256 = sha256_file(entry.built.path)
+            if self.trim and entry.built.runtime == "onnxruntime":
+                extra = {**entry.built.extra, "trim_padding": self.trim}
+                entry.built = replace(entry.built, extra=extra)
         except TunerError as exc:
             entry.error, entry.stage = str(exc), "failed"
             return entry
@@ -422,17 +458,30 @@ class _Search:
         return entry
 
     def _retry(self, entry: _Entry) -> list[_Entry]:
-        """Rebuild a failing static candidate with its most damaged nodes left in float."""
-        from tuner.accuracy_debug import exclusion_plans, rank_damaged_nodes
+        """Rebuild a failing quantized candidate with its most damaged nodes left in float.
+
+        Static candidates are ranked by comparing their QDQ tensors with the float ones;
+        dynamic and fused ones, which have no QDQ pairs, by the error their quantizer would
+        put on each MatMul's input and weight.
+        """
+        from tuner.accuracy_debug import exclusion_plans, rank_damaged_nodes, rank_dynamic_damage
 
         assert entry.built is not None
+        p = entry.spec.params
         try:
             # Damage is measured on held-out production rows, like the traffic the model will
             # serve: the calibration rows are what produced the bad scales (an outlier there
             # ranked the wrong node first in tests). Leaving nodes in float only removes error.
-            ranked = rank_damaged_nodes(
-                self.ctx.preprocessed, entry.built.path, self.holdout, self.ctx.workdir / "debug"
-            )
+            if entry.spec.kind == "static":
+                ranked = rank_damaged_nodes(
+                    self.ctx.preprocessed, entry.built.path, self.holdout,
+                    self.ctx.workdir / "debug",
+                )  # fmt: skip
+            else:
+                ranked = rank_dynamic_damage(
+                    dynamic_source(entry.spec, self.ctx), self.holdout,
+                    per_channel=p["per_channel"], reduce_range=p["reduce_range"],
+                )  # fmt: skip
         except Exception as exc:  # the debug tools raise many unrelated types
             entry.note = f"accuracy debug failed: {type(exc).__name__}: {exc}"
             return []
@@ -511,7 +560,8 @@ class _Search:
         ranked = sorted(passing, key=lambda e: self._score(self._best_screen(e)[1]), reverse=True)
         finals = ranked[: self.finalists]
         for e in ranked[self.finalists :]:
-            e.note = e.note or f"not a finalist: screened below the top {self.finalists}"
+            below = f"not a finalist: screened below the top {self.finalists}"
+            e.note = f"{e.note}; {below}" if e.note.startswith("left in float") else e.note or below
         for i, e in enumerate(finals):
             self.progress(f"batch search {e.spec.name}", i, len(finals))
             e.options = self._best_screen(e)[0]
@@ -827,16 +877,39 @@ def trial_runner(trial: Trial, options: RuntimeOptions | None = None) -> Runner:
     kind: Kind = config["kind"]
     spec = CandidateSpec(trial.name, kind, provider=config.get("provider", CPU))
     engine = config.get("runtime_engine", "onnxruntime")
-    extra = {"keywords": bool(config.get("keywords", False))}
+    extra = {
+        "keywords": bool(config.get("keywords", False)),
+        "trim_padding": config.get("trim_padding"),
+    }
     built = BuiltCandidate(spec, Path(trial.artifact), engine, extra=extra)
     return open_runner(built, options or RuntimeOptions(**config["runtime"]))
 
 
 def _retryable(e: _Entry) -> bool:
-    """Return True for a static candidate that failed the guard and was not yet retried."""
+    """Return True for a quantized candidate that failed the guard and was not yet retried."""
     failed_guard = e.guard is not None and not e.guard.passed and not e.error
     first_try = not e.spec.params.get("nodes_to_exclude")
-    return e.spec.kind == "static" and failed_guard and first_try and not e.duplicate_of
+    quantized = e.spec.kind in ("static", "dynamic", "fused")
+    return quantized and failed_guard and first_try and not e.duplicate_of
+
+
+def _trim_mask(
+    base: Path, inputs: list[InputSpec], holdout: Feeds, reference: np.ndarray
+) -> str | None:
+    """Return "attention_mask" when trimming padding per batch leaves the source's outputs
+    unchanged on the held-out rows (a dynamic sequence axis, outputs that respect the mask).
+
+    Models that return one vector per token change shape when trimmed, so they are not.
+    """
+    spec = next((s for s in inputs if s.name == "attention_mask"), None)
+    if spec is None or len(spec.shape) != 2 or isinstance(spec.shape[1], int):
+        return None
+    try:
+        trimmed = _outputs(OrtRunner(base, RuntimeOptions(), spec.name), holdout)
+    except Exception:  # ORT raises private types: a model that cannot take it is not trimmed
+        return None
+    same = trimmed.shape == reference.shape and np.allclose(trimmed, reference, 1e-4, 1e-5)
+    return spec.name if same else None
 
 
 def _eligible(trial: Trial, objective: Objective, slo_ms: float) -> bool:

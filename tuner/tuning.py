@@ -382,6 +382,11 @@ def serving_defaults(trial: Any, slo_ms: float) -> dict[str, Any]:
     """
     from tuner.onnx_tools import cpu_count
 
+    serving = trial.config.get("serving")
+    if serving:  # measured under concurrent load: tune(serving_clients=...)
+        runtime = {**trial.config.get("runtime", {}), **serving["runtime"]}
+        keys = ("batch_size", "max_delay_ms", "batch_workers")
+        return {"runtime": runtime, **{k: serving[k] for k in keys}}
     threads = int(trial.config.get("runtime", {}).get("threads", 1) or 1)
     out: dict[str, Any] = {"batch_workers": max(1, cpu_count() // threads)}
     point = next((p for p in trial.curve if p.batch_size == trial.best_batch_size), None)

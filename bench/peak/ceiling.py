@@ -60,25 +60,53 @@ def peaks(result: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
 def graph_macs(model: Path | str, feeds: Mapping[str, np.ndarray]) -> float:
     """Return the MACs of one item (row) of ``feeds`` through the MatMul/Gemm/Conv nodes.
 
-    The inputs' shapes are fixed to one row of ``feeds`` before ONNX shape inference (with
-    data propagation, so reshapes of attention heads resolve). Quantized graphs count the same
-    way through MatMulInteger / ConvInteger / QLinearMatMul.
-
-    Raises:
-        ValueError: a node's input shapes could not be inferred (named in the message).
+    Shapes come from ONNX shape inference with the inputs fixed to one row; a tensor it cannot
+    resolve (reshapes of attention heads, say) is measured instead: the graph runs once in ORT,
+    unoptimized, on that row with the tensor exposed as an output. Quantized graphs count the
+    same way through MatMulInteger / ConvInteger / QLinearMatMul.
     """
     import onnx
 
     proto = onnx.load(str(model))
+    one = {k: np.ascontiguousarray(np.asarray(v)[:1]) for k, v in feeds.items()}
     for inp in proto.graph.input:
-        if inp.name in feeds:
-            dims = inp.type.tensor_type.shape.dim
-            for dim, size in zip(dims, (1, *np.asarray(feeds[inp.name]).shape[1:]), strict=True):
+        if inp.name in one:
+            for dim, size in zip(inp.type.tensor_type.shape.dim, one[inp.name].shape, strict=True):
                 dim.Clear()
                 dim.dim_value = int(size)
     inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     shapes = _shapes(inferred)
+    wanted = {
+        name
+        for node in inferred.graph.node
+        if node.op_type in MATMULS or node.op_type in CONVS
+        for name in (*node.input, *node.output)
+        if name and name not in shapes
+    }
+    if wanted:
+        shapes.update(_run_shapes(inferred, sorted(wanted), one))
     return float(sum(_node_macs(node, shapes) for node in inferred.graph.node))
+
+
+def _run_shapes(
+    model: Any, names: list[str], feeds: Mapping[str, np.ndarray]
+) -> dict[str, tuple[int, ...]]:
+    """Return the shapes of ``names`` by running the graph once in ORT, unoptimized."""
+    import onnx
+    import onnxruntime as ort
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    known = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        exposed.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    values = session.run(names, dict(feeds))
+    return {n: tuple(np.asarray(v).shape) for n, v in zip(names, values, strict=True)}
 
 
 def _shapes(model: Any) -> dict[str, tuple[int, ...]]:

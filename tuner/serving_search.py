@@ -1,0 +1,246 @@
+"""Search the serving configuration of a model under concurrent load, like Triton's Model Analyzer.
+
+A model file from Olive, INC or Optimum comes with ORT's defaults; a deployment has more knobs
+than the model: intra-op threads per session run, how many batches run at once (instances:
+``batch_workers``, each on its own thread against the thread-safe session), the largest batch
+and how long a batch may wait to fill. :func:`search_serving` measures combinations of them
+with ``clients`` concurrent callers that each send one row at a time (of its natural length,
+when the model has an attention mask) and returns the one with the most calls per second whose
+p99 latency is within the SLO. Measurements are counted in calls, not timed windows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tuner.errors import TunerError
+from tuner.onnx_tools import Feeds, RuntimeOptions, cpu_count, load_session, num_rows, trim_padding
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ServingPoint:
+    """One configuration as measured: its knobs, calls/s, p50/p99 and the mean batch."""
+
+    threads: int
+    batch_workers: int
+    max_batch_size: int
+    max_delay_ms: float
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    mean_batch: float
+
+    def to_config(self) -> dict[str, Any]:
+        """The keys a deployment reads from a version's config to serve this way."""
+        return {
+            "runtime": {"threads": self.threads, "spinning": False},
+            "batch_size": self.max_batch_size,
+            "max_delay_ms": self.max_delay_ms,
+            "batch_workers": self.batch_workers,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return JSON-serialisable values."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ServingSearch:
+    """The chosen configuration (None if none ran), every point measured, and why."""
+
+    best: ServingPoint | None
+    points: tuple[ServingPoint, ...] = field(default_factory=tuple)
+    clients: int = 32
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return JSON-serialisable values."""
+        return {
+            "best": self.best.to_dict() if self.best else None,
+            "points": [p.to_dict() for p in self.points],
+            "clients": self.clients,
+            "reason": self.reason,
+        }
+
+
+def pad_rows(items: Sequence[Mapping[str, np.ndarray]], mask: str | None) -> Feeds:
+    """Stack single-row feeds into one batch, zero-padding sequences to the longest one.
+
+    With ``mask`` (the attention-mask input), inputs that share its sequence axis are padded on
+    the right; zeros there are padding the model ignores. Without it the rows must match.
+    """
+    if mask is None:
+        return {k: np.concatenate([item[k] for item in items]) for k in items[0]}
+    longest = max(int(item[mask].shape[1]) for item in items)
+    out = {}
+    for k in items[0]:
+        parts = []
+        for item in items:
+            a = item[k]
+            if a.ndim >= 2 and a.shape[1] == item[mask].shape[1] and a.shape[1] < longest:
+                pad = [(0, 0), (0, longest - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
+                a = np.pad(a, pad)
+            parts.append(a)
+        out[k] = np.concatenate(parts)
+    return out
+
+
+def natural_rows(feeds: Feeds, mask: str | None) -> list[Feeds]:
+    """Split feeds into single rows, each trimmed to its own length when there is a mask."""
+    rows = [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(num_rows(feeds))]
+    return [trim_padding(r, mask) for r in rows] if mask else rows
+
+
+def search_serving(
+    path: Path | str,
+    feeds: Feeds,
+    *,
+    slo_ms: float,
+    mask: str | None = None,
+    clients: int = 32,
+    calls_per_client: int = 8,
+    batch_sizes: Sequence[int] = (1, 4, 8, 16, 32),
+    delays_ms: Sequence[float] = (1.0, 2.0, 5.0),
+    graph_optimization: str = "all",
+    progress: Progress | None = None,
+) -> ServingSearch:
+    """Return the serving configuration with the most calls/s whose p99 is within ``slo_ms``.
+
+    Every (threads, batch_workers) pair that fits the cores (threads x workers <= nproc) is
+    measured at each batch size (1: no batching, each caller runs the session itself) with
+    a 2 ms delay; the best batched one is then tried at the other delays.
+
+    Raises:
+        TunerError: ``slo_ms``, ``clients`` or ``calls_per_client`` is not positive.
+    """
+    if slo_ms <= 0 or clients < 1 or calls_per_client < 1:
+        raise TunerError(
+            f"slo_ms={slo_ms}, clients={clients}, calls_per_client={calls_per_client} "
+            "must all be positive"
+        )
+    rows = natural_rows(feeds, mask)
+    report = progress or (lambda step, done, total: None)
+    cores = cpu_count()
+    shapes = [(t, w) for t in sorted({1, cores}) for w in range(1, cores // t + 1)]
+    plan = [(t, w, b, 2.0) for t, w in shapes for b in batch_sizes if b > 1 or w == 1]
+    points: list[ServingPoint] = []
+    for i, (t, w, b, d) in enumerate(plan):
+        report(f"serving t{t} x{w} batch {b}", i, len(plan))
+        points.append(_measure(path, rows, mask, t, w, b, d, clients, calls_per_client,
+                               graph_optimization))  # fmt: skip
+    batched = [p for p in points if p.max_batch_size > 1]
+    lead = _best(batched, slo_ms)
+    if lead is not None:
+        for d in delays_ms:
+            if d != lead.max_delay_ms:
+                points.append(_measure(path, rows, mask, lead.threads, lead.batch_workers,
+                                       lead.max_batch_size, d, clients, calls_per_client,
+                                       graph_optimization))  # fmt: skip
+    report("serving", len(plan), len(plan))
+    best = _best(points, slo_ms)
+    within = best is not None and best.p99_ms <= slo_ms
+    reason = (
+        f"{_label(best)}: {best.throughput:.1f} calls/s, p99 {best.p99_ms:.1f} ms "
+        f"{'<=' if within else '>'} SLO {slo_ms:g} ms with {clients} concurrent clients"
+        if best
+        else "nothing measured"
+    )
+    return ServingSearch(best, tuple(points), clients, reason)
+
+
+def _best(points: Sequence[ServingPoint], slo_ms: float) -> ServingPoint | None:
+    """Most calls/s within the SLO; if none is within it, the lowest p99."""
+    within = [p for p in points if p.p99_ms <= slo_ms]
+    if within:
+        return max(within, key=lambda p: p.throughput)
+    return min(points, key=lambda p: p.p99_ms, default=None)
+
+
+def _label(p: ServingPoint | None) -> str:
+    if p is None:
+        return "-"
+    return (
+        f"{p.threads} thread(s) x {p.batch_workers} worker(s), max batch {p.max_batch_size}, "
+        f"max delay {p.max_delay_ms:g} ms"
+    )
+
+
+def _measure(
+    path: Path | str,
+    rows: list[Feeds],
+    mask: str | None,
+    threads: int,
+    workers: int,
+    batch: int,
+    delay_ms: float,
+    clients: int,
+    calls: int,
+    graph_optimization: str,
+) -> ServingPoint:
+    """Run ``clients`` closed-loop callers for ``calls`` calls each under one configuration."""
+    from monitor.batching import DynamicBatcher
+
+    options = RuntimeOptions(threads=threads, graph_optimization=graph_optimization)
+    session = load_session(path, options)
+    batches: list[int] = []
+    batcher: Any = None
+    if batch > 1:
+
+        def run_batch(feed: Feeds) -> list[np.ndarray]:
+            batches.append(num_rows(feed))
+            return [np.asarray(o) for o in session.run(None, feed)]
+
+        batcher = DynamicBatcher(
+            run_batch, max_batch_size=batch, max_delay_ms=delay_ms, workers=workers,
+            stack=lambda items: pad_rows(items, mask),
+            unstack=lambda out, n: [[o[i : i + 1] for o in out] for i in range(n)],
+        )  # fmt: skip
+        call: Callable[[Feeds], Any] = batcher
+    else:
+
+        def call(feed: Feeds) -> Any:
+            return session.run(None, feed)
+
+    for row in rows[:4]:  # warm-up: first runs allocate
+        session.run(None, row)
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    start = threading.Barrier(clients + 1)
+
+    def client(k: int) -> None:
+        start.wait()
+        for j in range(calls):
+            row = rows[(k * calls + j) % len(rows)]
+            t0 = time.perf_counter()
+            call(row)
+            latencies[k].append(time.perf_counter() - t0)
+
+    threads_ = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+    for th in threads_:
+        th.start()
+    start.wait()
+    began = time.perf_counter()
+    for th in threads_:
+        th.join()
+    wall = time.perf_counter() - began
+    if batcher is not None:
+        batcher.close()
+    lat = np.concatenate([np.asarray(x) for x in latencies]) * 1e3
+    return ServingPoint(
+        threads=threads,
+        batch_workers=workers,
+        max_batch_size=batch,
+        max_delay_ms=delay_ms if batch > 1 else 0.0,
+        throughput=float(lat.size / max(wall, 1e-9)),
+        p50_ms=float(np.percentile(lat, 50)),
+        p99_ms=float(np.percentile(lat, 99)),
+        mean_batch=float(np.mean(batches)) if batches else 1.0,
+    )
