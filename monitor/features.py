@@ -139,9 +139,21 @@ def _input_features(
         cols = list(names) if names and len(names) == arr.shape[1] else None
         cols = cols or [f"x{j}" for j in range(arr.shape[1])]
         if arr.dtype.kind in "iuf" and np.isfinite(arr).all():  # plain numbers: no per-value work
-            return "tabular", [dict(zip(cols, row)) for row in arr.astype(np.float64).tolist()]
+            values = arr.astype(np.float64)
+            if arr.dtype.kind == "f" and arr.dtype.itemsize <= 4:
+                values = _float32_digits(values)
+            return "tabular", [dict(zip(cols, row)) for row in values.tolist()]
         return "tabular", [dict(zip(cols, map(_scalar, row))) for row in arr.tolist()]
     return "tensor", _summaries(arr.reshape(arr.shape[0], -1))
+
+
+def _float32_digits(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to 9 significant digits: the same float32 again, and a short JSON
+    number ("0.850624204" rather than "0.8506242036819458", a third cheaper to encode)."""
+    nonzero = x != 0
+    exponent = np.floor(np.log10(np.abs(x), where=nonzero, out=np.zeros_like(x)))
+    scale = 10.0 ** (8 - exponent)
+    return np.where(nonzero, np.round(x * scale) / scale, x)
 
 
 def _summaries(rows: np.ndarray) -> list[dict[str, Any]]:

@@ -189,7 +189,9 @@ def test_huge_sampled_inputs_are_capped_before_conversion_and_flushes_go_on(
         assert mon.flush(timeout=30)
         stored = count_samples(mon.db, "huge")
     assert _calls(sqlite_url, "huge") == 102
-    assert stored == 1000  # the per-minute cap: the first call's first 1,000 rows, nothing more
+    # The per-minute cap: the first call's first 1,000 rows and nothing more (2,000 when the
+    # calls straddle a minute boundary).
+    assert stored in (1000, 2000)
 
 
 def test_the_writer_converts_samples_within_its_budget_per_loop(sqlite_url: str) -> None:
