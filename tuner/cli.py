@@ -499,7 +499,9 @@ def cmd_experiments(args: argparse.Namespace) -> int:
 
 
 def cmd_promotions(args: argparse.Namespace) -> int:
-    """``tunewatch promotions``."""
+    """``tunewatch promotions``: each request, who decided and when, and one verdict per
+    guardrail (latency, errors, agreement)."""
+    from tuner.evidence import lines
     from tuner.promotions import list_promotions
 
     with _database(args) as (_settings, db):
@@ -509,8 +511,10 @@ def cmd_promotions(args: argparse.Namespace) -> int:
         return 0
     for p in rows:
         who = f" by {p.decided_by}" if p.decided_by else ""
-        print(f"#{p.id} {p.status:<12} {p.model} {p.from_version} -> {p.to_version}{who} "
-              f"{p.evidence.get('reason', '')}")  # fmt: skip
+        when = f" at {p.decided_at:%Y-%m-%d %H:%M:%S} UTC" if p.decided_at else ""
+        print(f"#{p.id} {p.status:<12} {p.model} {p.from_version} -> {p.to_version}{who}{when}")
+        for line in lines(p.evidence) or [str(p.evidence.get("reason", ""))]:
+            print(f"    {line}")
         if p.status == "pending":
             print(f"    approve: tunewatch approve {p.id} --by YOUR_NAME")
     if not rows:
@@ -545,12 +549,29 @@ def cmd_policy(args: argparse.Namespace) -> int:
         changes = {k: v for k, v in (("auto_experiment", args.auto_experiment),
                    ("auto_approve", args.auto_approve), ("share", args.share),
                    ("shadow", args.shadow)) if v is not None}  # fmt: skip
+        if args.tolerance:
+            changes["tolerance"] = _tolerance_changes(args.tolerance)
         policy = set_policy(db, args.name, changes, by=args.by or "cli")
     if args.json:
         print_json({"model": args.name, "policy": policy})
     else:
         print(f"{args.name} policy: {json.dumps(policy, sort_keys=True)}")
     return 0
+
+
+def _tolerance_changes(items: list[str]) -> dict[str, float | None]:
+    """``--tolerance min_top1_agreement=0.995`` pairs (``none`` disables a check)."""
+    out: dict[str, float | None] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key] = None if value.lower() == "none" else float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise TunerError(f"--tolerance {item!r} is invalid: use FIELD=NUMBER, e.g. "
+                             "min_top1_agreement=0.995")  # fmt: skip
+    return out
 
 
 # --- fidelity and analysis -------------------------------------------------------------
@@ -577,6 +598,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     """``tunewatch analyze [NAME]``: judge every running experiment once and act on it."""
     from tuner.analysis import run_analysis
+    from tuner.evidence import lines
 
     with _database(args) as (settings, db):
         verdicts = run_analysis(db, settings, model=args.name)
@@ -586,6 +608,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for v in verdicts:
         pending = f" (promotion {v.promotion_id})" if v.promotion_id else ""
         print(f"experiment {v.experiment_id}: {v.decision}{pending}: {v.reason}")
+        for line in lines(v.evidence):
+            print(f"    {line}")
     if not verdicts:
         print("no running experiments")
     return 0
@@ -812,6 +836,9 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--auto-approve", action=argparse.BooleanOptionalAction, default=None)
     po.add_argument("--share", type=float)
     po.add_argument("--shadow", action=argparse.BooleanOptionalAction, default=None)
+    po.add_argument("--tolerance", action="append", metavar="FIELD=VALUE",
+                    help="the accuracy guard's tolerance for tuning, fidelity and experiments, "
+                         "e.g. min_top1_agreement=0.995 (repeatable)")  # fmt: skip
     po.add_argument("--by")
     po.set_defaults(func=cmd_policy)
 

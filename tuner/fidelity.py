@@ -26,6 +26,7 @@ from monitor.registry import VersionInfo, champion, list_versions, source_of
 from monitor.settings import Settings
 from monitor.storage import Database, SampleRow, read_samples, utcnow
 from tuner.guard import TASKS, AccuracyGuard, Task, Tolerance
+from tuner.registry import tolerance as model_tolerance
 from tuner.registry import verified_artifact
 
 log = logging.getLogger("tunewatch.fidelity")
@@ -111,7 +112,7 @@ def replay(
     start: datetime | None = None,
     end: datetime | None = None,
     task: Task | None = None,
-    tolerance: Tolerance = Tolerance(),
+    tolerance: Tolerance | None = None,
 ) -> Replay:
     """Replay up to ``limit`` of the newest raw inputs ``info`` served under ``arms``.
 
@@ -134,6 +135,8 @@ def replay(
     feeds = _feeds(rows, verified_artifact(source))
     reference = run_model(source, feeds)
     output = reference if info.version == source.version else run_model(info, feeds)
+    if tolerance is None:
+        tolerance = model_tolerance(db, info.model)
     guard = AccuracyGuard(reference, task=task, tolerance=tolerance)
     result = guard.check(output)
     return replace(few, task=guard.task, metrics=result.metrics, passed=result.passed,
@@ -284,9 +287,10 @@ def model_task(db: Database, model: str) -> Task | None:
 
 def store(
     db: Database, r: Replay, *, experiment_id: int | None = None, event_id: int | None = None,
-    tolerance: Tolerance = Tolerance(),
+    tolerance: Tolerance | None = None,
 ) -> int:  # fmt: skip
     """Record one replay in the ``fidelity_checks`` time series; returns its id."""
+    tolerance = tolerance if tolerance is not None else model_tolerance(db, r.model)
     with db.session() as s:
         row = schema.FidelityCheck(
             ts=utcnow(), model=r.model, version=r.version, source_version=r.source_version,

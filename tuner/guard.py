@@ -10,7 +10,7 @@ when they are given.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -47,6 +47,26 @@ class Tolerance:
     def to_dict(self) -> dict[str, Any]:
         """Return JSON-serialisable values."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Tolerance:
+        """A tolerance with ``values`` overriding the defaults (a model's policy holds these).
+
+        >>> Tolerance.from_dict({"min_top1_agreement": 0.995}).min_top1_agreement
+        0.995
+
+        Raises:
+            TunerError: an unknown field, or a value that is not a number (or null).
+        """
+        known = set(cls.__dataclass_fields__)
+        for key, value in values.items():
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            if key not in known or not ok:
+                raise TunerError(
+                    f"tolerance {key}={value!r} is invalid: use a number (or null to disable) "
+                    f"for one of {sorted(known)}"
+                )
+        return cls(**{k: None if v is None else float(v) for k, v in values.items()})
 
 
 @dataclass(frozen=True)

@@ -256,7 +256,8 @@ def set_status(db: Database, model: str, version: str, status: str) -> VersionIn
         return version_info(row)
 
 
-POLICY_KEYS = {"auto_experiment": bool, "auto_approve": bool, "share": float, "shadow": bool}
+POLICY_KEYS = {"auto_experiment": bool, "auto_approve": bool, "share": float, "shadow": bool,
+               "tolerance": dict}  # fmt: skip
 
 
 def set_policy(db: Database, model: str, changes: dict[str, Any], *, by: str) -> dict[str, Any]:
@@ -275,6 +276,10 @@ def set_policy(db: Database, model: str, changes: dict[str, Any], *, by: str) ->
             raise TunerError(f"policy {key}={value!r} is invalid: keys are {sorted(POLICY_KEYS)}")
     if not 0.0 <= float(changes.get("share", 0.1)) <= 1.0:
         raise TunerError(f"policy share={changes['share']!r} must be between 0 and 1")
+    if "tolerance" in changes:
+        from tuner.guard import Tolerance
+
+        Tolerance.from_dict(changes["tolerance"])  # refuse a bad field before storing it
     with db.session() as s:
         row = s.scalars(
             select(schema.RegisteredModel).where(schema.RegisteredModel.name == model)
@@ -286,6 +291,16 @@ def set_policy(db: Database, model: str, changes: dict[str, Any], *, by: str) ->
             audit.record(s, actor=by, action="policy_changed", entity="model", entity_id=row.id,
                          model=model, details=changes)  # fmt: skip
         return dict(row.policy)
+
+
+def tolerance(db: Database, model: str) -> Any:
+    """The accuracy guard's tolerance for ``model``: its policy's ``tolerance`` over defaults.
+
+    One tolerance judges tuning candidates, the scheduled fidelity check and experiments alike.
+    """
+    from tuner.guard import Tolerance
+
+    return Tolerance.from_dict(policy(db, model).get("tolerance") or {})
 
 
 def policy(db: Database, model: str) -> dict[str, Any]:

@@ -135,6 +135,7 @@ def run_tuning(
     workdir = Path(settings.artifacts_dir).resolve() / model / "tuning" / f"run-{run_id}"
     try:
         kwargs: dict[str, Any] = quick_options() if quick else {}
+        tolerance = tolerance if tolerance is not None else registry.tolerance(db, model)
         for name, value in (("space", space), ("tolerance", tolerance), ("measure", measure)):
             if value is not None:
                 kwargs[name] = value
