@@ -236,6 +236,7 @@ class SampleRow:
     features: dict[str, Any]
     outputs: dict[str, Any] | None
     raw: dict[str, np.ndarray] | None
+    request_id: str | None = None  # what labels join on (monitor.labels)
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,7 @@ def _sample_row(r: schema.Sample, with_raw: bool) -> SampleRow:
     raw = unpack_arrays(r.raw) if (with_raw and r.raw) else None
     return SampleRow(
         r.id, r.model, r.version, r.arm, as_utc(r.ts), r.source, r.input_kind,
-        dict(r.features), r.outputs, raw,
+        dict(r.features), r.outputs, raw, r.request_id,
     )  # fmt: skip
 
 

@@ -35,6 +35,8 @@ class TuningData:
 EVENT_LOOKBACK = timedelta(hours=1)
 # Too few rows since an event: the most recent older rows top the set up to this many.
 MIN_FRESH_ROWS = 128
+# Fewer labelled rows than this make no sound accuracy check: the held-out part stays unlabelled.
+MIN_LABELLED_ROWS = 32
 
 
 def production_data(
@@ -50,6 +52,7 @@ def production_data(
     min_fresh_rows: int = MIN_FRESH_ROWS,
     holdout_fraction: float = 0.5,
     seed: int = 0,
+    min_labelled: int = MIN_LABELLED_ROWS,
 ) -> TuningData:
     """Up to ``size`` raw input rows served by ``version``'s lineage, spread evenly over time.
 
@@ -57,6 +60,10 @@ def production_data(
     inputs). Without ``since`` the rows span the last ``window``; with it, only rows from
     ``since`` onward (what production sends now), topped up with the most recent older rows
     in ``window`` when fewer than ``min_fresh_rows`` arrived since then.
+
+    When at least ``min_labelled`` of those rows have labels (``monitor.labels``), they are
+    the held-out part, with their labels, so the guard checks accuracy against production's
+    ground truth as well as fidelity to the source; the unlabelled rows calibrate.
 
     ``inputs`` are the ONNX model's input specs (``name``, ``dtype``); stored arrays named
     like the inputs are used as they are, and a single unnamed input (``arg0``) maps to a
@@ -79,7 +86,11 @@ def production_data(
             f"the last {window}; at least {min_rows} are needed. Send more traffic, raise "
             "sample_rate, log inputs with Monitor.log, or pass a dataset (--dataset FILE.npz)"
         )
-    picked = sorted(set(_spread(len(rows), size)))
+    truth = labels_of(db, model, [r.request_id for r in rows if r.request_id])
+    labelled = [i for i, r in enumerate(rows) if r.request_id in truth]
+    if len(labelled) < min_labelled:
+        labelled = []
+    picked = _pick(len(rows), labelled, size)
     arrays = [_match(rows[i].raw or {}, inputs) for i in picked]
     feeds = {spec.name: np.stack([a[spec.name] for a in arrays]) for spec in inputs}
     n_old = sum(1 for i in picked if i < len(older))
@@ -88,7 +99,57 @@ def production_data(
         version if len(versions) == 1 else "{" + ",".join(versions) + "} (one source)"
     )
     label += ": " + "; ".join(w["label"] for w in windows)
+    if labelled:
+        held = [j for j, i in enumerate(picked) if rows[i].request_id in truth]
+        values = np.array([truth[str(rows[picked[j]].request_id)] for j in held])
+        label += f"; held-out part: {len(held)} labelled production rows"
+        data = split_labelled(feeds, held, values, holdout_fraction, seed, label)
+        note = {"label": f"{len(held)} labelled rows", "kind": "labelled", "rows": len(held)}
+        return replace(data, windows=(*windows, note))
     return replace(split(feeds, None, holdout_fraction, seed, label), windows=windows)
+
+
+def labels_of(db: Database, model: str, ids: list[str]) -> dict[str, float]:
+    """The stored (non-missing) label of each of ``ids`` that has one."""
+    from sqlalchemy import select
+
+    t, out = schema.Label, {}
+    for start in range(0, len(ids), 5000):
+        stmt = select(t.request_id, t.value).where(
+            t.model == model, t.request_id.in_(ids[start : start + 5000]), t.value.is_not(None)
+        )
+        with db.session() as s:
+            out.update({rid: float(v) for rid, v in s.execute(stmt) if v is not None})
+    return out
+
+
+def _pick(n: int, labelled: list[int], size: int) -> list[int]:
+    """Every labelled row (spread, at most half of ``size``) plus unlabelled rows spread over
+    the rest, in time order."""
+    if not labelled:
+        return sorted(set(_spread(n, size)))
+    chosen = [labelled[i] for i in _spread(len(labelled), max(1, size // 2))]
+    taken = set(chosen)
+    others = [i for i in range(n) if i not in taken]
+    chosen += [others[i] for i in _spread(len(others), size - len(chosen))]
+    return sorted(set(chosen))
+
+
+def split_labelled(
+    feeds: dict[str, np.ndarray], held: list[int], values: np.ndarray, holdout_fraction: float,
+    seed: int, source: str,
+) -> TuningData:  # fmt: skip
+    """Labelled rows (positions ``held``) are the held-out part, with ``values`` as labels; the
+    other rows calibrate. Too few other rows: the labelled ones are split as usual."""
+    n = len(next(iter(feeds.values())))
+    rest = np.setdiff1d(np.arange(n), held)
+    labels = values.astype(np.int64) if np.all(np.mod(values, 1) == 0) else values
+    if len(rest) < max(8, int(n * (1 - holdout_fraction) / 2)):
+        return split({k: v[held] for k, v in feeds.items()}, labels, holdout_fraction, seed, source)
+    return TuningData(
+        {k: v[rest] for k, v in feeds.items()}, {k: v[held] for k, v in feeds.items()},
+        labels, source, n,
+    )  # fmt: skip
 
 
 def lineage(db: Database, model: str, version: str) -> list[str]:
