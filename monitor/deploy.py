@@ -14,6 +14,7 @@ its state belongs to another process and builds its own sessions, poller and sha
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import logging
 import os
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from monitor.errors import ConfigError
+from monitor.labels import MAX_ID_CHARS, REQUEST, RequestContext
 from monitor.registry import Routing, VersionInfo, read_verified, routing
 
 if TYPE_CHECKING:
@@ -157,8 +159,23 @@ class Deployment:
 
     # --- the call path ------------------------------------------------------------------
 
-    def __call__(self, feed: Any, key: str | bytes | int | None = None) -> Any:
-        """Serve one call from the arm this call (or ``key``) routes to."""
+    def __call__(
+        self, feed: Any, key: str | bytes | int | None = None, request_id: str | None = None
+    ) -> Any:
+        """Serve one call from the arm this call (or ``key``) routes to.
+
+        ``request_id`` is stored with the call's sampled rows, so labels logged later join
+        to it (``mon.log_labels``); it acts like ``with mon.context(request_id=...)``.
+        """
+        if request_id is not None:
+            token = _set_request(request_id)
+            try:
+                return self._serve(feed, key)
+            finally:
+                REQUEST.reset(token)
+        return self._serve(feed, key)
+
+    def _serve(self, feed: Any, key: str | bytes | int | None) -> Any:
         state = self._state  # one read: a concurrent swap never mixes generations
         if state.pid != _PID[0]:
             state = self._adopt()
@@ -178,9 +195,18 @@ class Deployment:
         """``await dep.acall(feed, key=...)``: serve one call without blocking the event loop.
 
         With batching the call awaits the batcher's future; without it the ONNX Runtime call
-        runs in the loop's default executor. ``request_id`` is accepted for the labels API
-        that will join outcomes to calls; it is not recorded yet.
+        runs in the loop's default executor. ``request_id`` is stored with the call's sampled
+        rows (see :meth:`__call__`).
         """
+        if request_id is not None:
+            token = _set_request(request_id)
+            try:
+                return await self._aserve(feed, key)
+            finally:
+                REQUEST.reset(token)
+        return await self._aserve(feed, key)
+
+    async def _aserve(self, feed: Any, key: str | bytes | int | None) -> Any:
         state = self._state
         if state.pid != _PID[0]:
             state = self._adopt()
@@ -271,8 +297,12 @@ class Deployment:
                 return wrapped.run(None, _as_feed(feed, names))
 
             async def acall(feed: Any) -> Any:
-                # ORT releases the GIL: the loop serves other requests meanwhile.
-                return await asyncio.get_running_loop().run_in_executor(None, call, feed)
+                # ORT releases the GIL: the loop serves other requests meanwhile. An executor
+                # thread does not see this task's context: a request id travels with a copy.
+                loop = asyncio.get_running_loop()
+                if REQUEST.get() is None:
+                    return await loop.run_in_executor(None, call, feed)
+                return await loop.run_in_executor(None, contextvars.copy_context().run, call, feed)
 
             return _Arm(call, acall)
         from monitor.batching import DynamicBatcher
@@ -357,6 +387,16 @@ _LIVE: weakref.WeakSet[Deployment] = weakref.WeakSet()
 # states a child inherited stay here for the life of the process, this list included.
 _INHERITED: list[_State] = []
 ctypes.pythonapi.Py_IncRef(ctypes.py_object(_INHERITED))  # never released, even at exit
+
+
+def _set_request(request_id: Any) -> contextvars.Token[RequestContext | None]:
+    """Give this call ``request_id``, keeping an enclosing context's ``sample`` flag.
+
+    Monitoring never fails a call: an id is taken as its text, cut to the column's width.
+    """
+    outer = REQUEST.get()
+    rid = str(request_id)[:MAX_ID_CHARS]
+    return REQUEST.set(RequestContext(rid, outer.sample if outer is not None else False))
 
 
 def _forked_child() -> None:
