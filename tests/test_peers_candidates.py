@@ -87,6 +87,13 @@ def test_padding_trimmed_per_batch_gives_the_padded_outputs(
     padded_out = session.run(None, feeds)[0]
     trimmed_out = session.run(None, trimmed)[0]
     np.testing.assert_allclose(trimmed_out, padded_out, rtol=1e-5, atol=1e-5)
+    # A batch big enough to group runs by real length, in groups, and answers in order.
+    from tuner.candidates import OrtRunner
+    from tuner.onnx_tools import RuntimeOptions
+
+    many = sentences(40, 7)
+    grouped = OrtRunner(path, RuntimeOptions(), trim="attention_mask").run(many)[0]
+    np.testing.assert_allclose(grouped, session.run(None, many)[0], rtol=1e-5, atol=1e-5)
     # Nothing to trim: the same arrays back.
     full = sentences(4, 4)
     full["attention_mask"][0] = 1

@@ -825,9 +825,19 @@ class Runner(Protocol):
         ...
 
 
+# Rows per length group when a batch with an attention mask is split by real length.
+GROUP_ROWS = 8
+
+
 class OrtRunner:
-    """Runs an ONNX artifact in an ORT session, padding trimmed per batch when ``trim`` names
-    the attention mask (:func:`tuner.onnx_tools.trim_padding`)."""
+    """Runs an ONNX artifact in an ORT session.
+
+    When ``trim`` names the attention mask, a batch of at least ``2 * GROUP_ROWS`` rows is
+    sorted by real length and run in groups of ``GROUP_ROWS``, each trimmed to its longest row
+    (:func:`tuner.onnx_tools.trim_padding`), and the outputs come back in the caller's order:
+    the model computes the sentences' tokens, not the padding. Smaller batches are trimmed
+    whole.
+    """
 
     def __init__(self, path: Path, options: RuntimeOptions, trim: str | None = None) -> None:
         self.session = load_session(path, options)
@@ -835,8 +845,21 @@ class OrtRunner:
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
         """Run one batch."""
-        if self.trim:
-            feeds = trim_padding(feeds, self.trim)
+        if not self.trim:
+            return self._run(feeds)
+        rows = len(feeds[self.trim])
+        if rows < 2 * GROUP_ROWS:
+            return self._run(trim_padding(feeds, self.trim))
+        mask = np.asarray(feeds[self.trim]) != 0
+        lengths = (mask * np.arange(1, mask.shape[1] + 1)).max(axis=1)
+        order = np.argsort(lengths, kind="stable")
+        groups = np.array_split(order, -(-rows // GROUP_ROWS))
+        parts = [self._run(trim_padding(take_rows(feeds, g), self.trim)) for g in groups]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(rows)
+        return [np.concatenate([p[i] for p in parts])[inverse] for i in range(len(parts[0]))]
+
+    def _run(self, feeds: Feeds) -> list[np.ndarray]:
         return [np.asarray(out) for out in self.session.run(None, feeds)]
 
 
