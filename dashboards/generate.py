@@ -321,16 +321,17 @@ WHERE e.model IN ($model)
   AND {LIVE_EXPERIMENT_IN_RANGE}
 ORDER BY e.started_at DESC"""  # noqa: S608 (constants of this file only)
 
-# The same window as tuner.analysis.arm_stats: intervals from the minute the experiment
-# started until it ended (or now), champion calls under the champion arm, the challenger's
-# under the challenger or shadow arm.
+# The same window as tuner.analysis.arm_stats: intervals that start at or after the
+# experiment's exact start (an interval that began earlier may hold calls from before it)
+# until it ended (or now), champion calls under the champion arm, the challenger's under the
+# challenger or shadow arm.
 ARMS_SQL = f"""\
 WITH arms AS (
   SELECT e.id AS experiment, e.model, a.arm, a.version, a.calls, a.errors, a.buckets
   FROM experiments AS e
   JOIN latency_aggregates AS a
     ON a.model = e.model
-   AND a.interval_start >= date_trunc('minute', e.started_at)
+   AND a.interval_start >= e.started_at
    AND a.interval_start < coalesce(e.ended_at, now())
    AND ((a.arm = 'champion' AND a.version = e.champion_version)
      OR (a.arm IN ('challenger', 'shadow') AND a.version = e.challenger_version))

@@ -43,6 +43,15 @@ def _setup(url: str, tmp_path: Path, first: str, second: str, **config: object) 
     return settings
 
 
+def _start(db: Database, *args: object, **kwargs: object) -> experiments.ExperimentInfo:
+    """Start an experiment, then let the 1 s aggregation interval it started in end: only
+    intervals that start at or after the experiment count (an earlier one may hold calls
+    from before it)."""
+    exp = experiments.start(db, *args, **kwargs)  # type: ignore[arg-type]
+    time.sleep(1.01 - exp.started_at.timestamp() % 1.0)
+    return exp
+
+
 def _traffic(dep: object, n: int, keys: bool = True) -> None:
     for i in range(n):
         x = RNG.normal(size=(1, IN)).astype(np.float32)
@@ -55,8 +64,9 @@ def test_faster_challenger_is_promoted_after_approval_and_serving_switches(
 ) -> None:
     settings = _setup(db_url, tmp_path, "heavy", "light")
     db = Database(db_url)
-    exp = experiments.start(db, "clf", "v2", share=0.5, min_samples=100, by="ana")
-    with Monitor(db_url, sample_rate=1.0) as mon:
+    with Monitor(db_url, sample_rate=1.0, aggregate_interval_s=1) as mon:
+        _traffic(mon.deployment("clf", poll_s=60), 300)  # before: never counted
+        exp = _start(db, "clf", "v2", share=0.5, min_samples=100, by="ana")
         dep = mon.deployment("clf", poll_s=0.2)
         assert dep.routing.challenger is not None and dep.routing.challenger.version == "v2"
         _traffic(dep, 600)
@@ -66,7 +76,16 @@ def test_faster_challenger_is_promoted_after_approval_and_serving_switches(
         arms = verdict.evidence["arms"]
         assert arms["champion"]["calls"] + arms["challenger"]["calls"] == 600
         assert min(arms["champion"]["calls"], arms["challenger"]["calls"]) >= 100
-        assert verdict.evidence["latency_challenger_faster"]["median_ratio"] > 1.1
+        latency, errors, agreement = verdict.evidence["verdicts"]
+        assert (latency["status"], latency["effect"]["direction"]) == ("pass", "faster")
+        assert latency["text"].startswith("challenger faster: median x")
+        lo, hi = latency["effect"]["ci"]
+        assert lo < latency["effect"]["estimate"] < hi < 1 / 1.1
+        assert errors["status"] == "pass" and errors["text"].startswith(
+            "no significant difference: 0 of "
+        )
+        assert agreement["status"] == "pass", agreement  # the same outputs as the source
+        assert verdict.reason.startswith(latency["text"])
         pid = verdict.promotion_id
         assert pid is not None
         assert experiments.get(db, exp.id).status == "promotion_pending"
@@ -101,13 +120,14 @@ def test_faster_challenger_is_promoted_after_approval_and_serving_switches(
 def test_slower_challenger_is_rolled_back_automatically(db_url: str, tmp_path: Path) -> None:
     settings = _setup(db_url, tmp_path, "light", "heavy")
     db = Database(db_url)
-    exp = experiments.start(db, "clf", "v2", share=0.5, min_samples=100)
-    with Monitor(db_url) as mon:
+    exp = _start(db, "clf", "v2", share=0.5, min_samples=100)
+    with Monitor(db_url, aggregate_interval_s=1) as mon:
         dep = mon.deployment("clf", poll_s=60)
         _traffic(dep, 600)
         mon.flush()
         (verdict,) = run_analysis(db, settings)
-        assert verdict.decision == "rollback" and "latency regressed" in verdict.reason
+        assert verdict.decision == "rollback", verdict.reason
+        assert verdict.reason.startswith("guardrail: challenger slower, beyond the x1.10 ")
         assert dep.reload() and dep.routing.challenger is None
     ended = experiments.get(db, exp.id)
     assert (ended.status, ended.share) == ("rolled_back", 0.0)
@@ -139,8 +159,8 @@ def test_promotion_watch_rolls_back_a_regression(sqlite_url: str, tmp_path: Path
 def test_shadow_mode_records_agreement_off_the_call_path(sqlite_url: str, tmp_path: Path) -> None:
     settings = _setup(sqlite_url, tmp_path, "light", "heavy")
     db = Database(sqlite_url)
-    exp = experiments.start(db, "clf", "v2", share=1.0, shadow=True, min_samples=100)
-    with Monitor(sqlite_url) as mon:
+    exp = _start(db, "clf", "v2", share=1.0, shadow=True, min_samples=100)
+    with Monitor(sqlite_url, aggregate_interval_s=1) as mon:
         dep = mon.deployment("clf", poll_s=60)
         _traffic(dep, 200)
         deadline = time.time() + 20
@@ -316,7 +336,8 @@ def test_two_processes_race_on_postgres(pg_url: str, tmp_path: Path) -> None:
 def _split_traffic(url: str, n: int) -> None:
     """``n`` calls through a real deployment, every one sampled (outputs not checked: the
     challengers here answer differently on purpose)."""
-    with Monitor(url, sample_rate=1.0, sample_cap_per_minute=10_000) as mon:
+    time.sleep(1.01 - time.time() % 1.0)  # see _start: the experiment's interval ends first
+    with Monitor(url, sample_rate=1.0, sample_cap_per_minute=10_000, aggregate_interval_s=1) as mon:
         dep = mon.deployment("clf", poll_s=60)
         assert dep.routing.challenger is not None
         for i in range(n):
@@ -343,9 +364,14 @@ def test_a_permuted_label_challenger_is_rolled_back_however_fast(
     assert (fid["verdict"], fid["reference"]) == ("worse", "v1")
     assert fid["champion"]["rows"] + fid["challenger"]["rows"] == 512  # 256 per arm at most
     assert verdict.evidence["agreement"] == {
-        "source": "replay", "compared": fid["challenger"]["rows"], "rate": None, "ok": False,
+        "source": "replay", "compared": fid["challenger"]["rows"], "rate": None,
         "note": fid["reason"],
     }  # fmt: skip
+    agreement = verdict.evidence["verdicts"][2]
+    assert agreement["status"] == "breach" and agreement["text"].startswith(
+        "challenger less faithful to the source v1: top-1 agreement 0.0 % vs champion 100.0 %"
+    )
+    assert agreement["effect"]["estimate"] == -1.0 and "difference -100.00 pp" in agreement["text"]
     assert experiments.get(db, exp.id).status == "rolled_back"
     assert promotions.list_promotions(db, model="clf") == []
     assert [e.kind for e in list_events(db, model="clf")] == ["experiment_rollback"]
@@ -378,7 +404,7 @@ def test_a_challenger_that_restores_fidelity_gets_a_promotion_at_equal_speed(
     assert 0.8 < stale < 0.97
     assert verdict["reason"].startswith(
         f"restores fidelity to the source: top-1 agreement 100.0 % vs champion {100 * stale:.1f} %"
-        ", latency within the guardrail"
+        "; latency: "
     ), verdict["reason"]
     assert (fid["verdict"], fid["challenger"]["passed"], fid["champion"]["passed"]) == (
         "restores", True, False
@@ -406,9 +432,10 @@ def test_a_shadow_challenger_that_restores_fidelity_is_not_rolled_back_for_disag
     registry.register("clf", light_model(tmp_path / "light.onnx"), db=db, settings=settings)
     make_champion(db, derive(db, settings, tmp_path, "stale", degraded))
     recalibrated = derive(db, settings, tmp_path, "recalibrated", lambda w: w)
-    exp = experiments.start(db, "clf", recalibrated, share=1.0, shadow=True, min_samples=100)
+    exp = _start(db, "clf", recalibrated, share=1.0, shadow=True, min_samples=100)
     n = 300
-    with Monitor(sqlite_url, sample_rate=1.0, sample_cap_per_minute=10_000) as mon:
+    with Monitor(sqlite_url, sample_rate=1.0, sample_cap_per_minute=10_000,
+                 aggregate_interval_s=1) as mon:  # fmt: skip
         dep = mon.deployment("clf", poll_s=60)
         for i in range(n):
             dep({"x": RNG.normal(size=(1, IN)).astype(np.float32)}, key=f"user-{i}")

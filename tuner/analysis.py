@@ -32,6 +32,7 @@ from monitor.registry import get_version, source_of
 from monitor.settings import Settings
 from monitor.storage import Database, read_aggregates, utcnow
 from tuner import experiments, fidelity, promotions
+from tuner.evidence import lines
 from tuner.experiments import ExperimentInfo
 from tuner.fidelity import Replay
 
@@ -64,8 +65,12 @@ def challenger_arm(exp: ExperimentInfo) -> str:
 def arm_stats(
     db: Database, model: str, version: str, arm: str, start: datetime, end: datetime
 ) -> dict[str, Any]:
-    """Calls, errors and latency quantiles of one arm in a window (from interval aggregates)."""
-    rows = read_aggregates(db, model, version, arm=arm, start=_floor(start), end=end)
+    """Calls, errors and latency quantiles of one arm in a window (from interval aggregates).
+
+    Only intervals that start at or after ``start`` count: an interval that began earlier
+    may hold calls from before an experiment (its first seconds are left out instead).
+    """
+    rows = read_aggregates(db, model, version, arm=arm, start=start, end=end)
     hist = sketch.merge(r.buckets for r in rows)
     calls, errors = sum(r.calls for r in rows), sum(r.errors for r in rows)
     p50, p95, p99 = sketch.quantiles(hist, (0.5, 0.95, 0.99))
@@ -77,10 +82,6 @@ def arm_stats(
     }  # fmt: skip
 
 
-def _floor(t: datetime) -> datetime:
-    return t.replace(second=0, microsecond=0)
-
-
 def _num(x: float) -> float | None:
     return None if x != x else round(x, 4)
 
@@ -89,65 +90,78 @@ def analyze(
     db: Database, settings: Settings, exp: ExperimentInfo, now: datetime | None = None
 ) -> Verdict:
     """Look at one live experiment (no side effects)."""
-    from monitor.stats import compare_latencies
+    from tuner.evidence import tuning_evidence
 
     now = now or utcnow()
     champ = arm_stats(db, exp.model, exp.champion_version, "champion", exp.started_at, now)
     chall = arm_stats(db, exp.model, exp.challenger_version, challenger_arm(exp),
                       exp.started_at, now)  # fmt: skip
-    slower, errors = guardrails(champ, chall, settings, exp.min_samples)
-    # Improvement: faster with the whole interval beyond the improvement margin (0 by
-    # default: significantly faster).
-    cv, cw = sketch.expand(champ["_hist"])
-    xv, xw = sketch.expand(chall["_hist"])
-    faster = compare_latencies(xv, cv, baseline_weights=xw, recent_weights=cw,
-                               tolerance=settings.experiment_improvement_margin,
-                               alpha=settings.experiment_alpha,
-                               min_samples=exp.min_samples)  # fmt: skip
+    latency, errors = guardrails(champ, chall, settings, exp.min_samples)
     fid, replays = _fidelity(db, settings, exp, now)
     agreement = _agreement(db, settings, exp, fid)
     evidence = {
         "arms": {"champion": _public(champ), "challenger": _public(chall)},
-        "latency": slower.to_dict(), "latency_challenger_faster": faster.to_dict(),
-        "error_rate": errors.to_dict(), "agreement": agreement, "fidelity": fid,
-        "timeline": _timeline(champ) + _timeline(chall, "challenger"),
+        "latency": latency.to_dict(), "error_rate": errors.to_dict(), "agreement": agreement,
+        "fidelity": fid, "confidence": 1.0 - settings.experiment_alpha,
+        "timeline": _timeline(champ, exp.started_at)
+        + _timeline(chall, exp.started_at, "challenger"),
         "window": [exp.started_at.isoformat(), now.isoformat()],
+        "tuning": tuning_evidence(db, exp.model, exp.challenger_version),
     }  # fmt: skip
-    decision, reason = _decide(exp, settings, slower, faster, errors, agreement, fid, champ,
-                               chall, now)  # fmt: skip
+    evidence["verdicts"] = verdicts(evidence, settings, exp.min_samples)
+    decision, reason = _decide(exp, settings, latency, errors, agreement, fid, champ, chall, now)
     evidence.update(decision=decision, reason=reason)
     return Verdict(exp.id, decision, reason, evidence, replays=replays)
+
+
+def verdicts(
+    evidence: dict[str, Any], settings: Settings, min_samples: int
+) -> list[dict[str, Any]]:
+    """Latency, errors and agreement: one verdict each (see :mod:`tuner.evidence`)."""
+    from tuner import evidence as ev
+
+    confidence = 1.0 - settings.experiment_alpha
+    return [
+        ev.latency_verdict(evidence["latency"]),
+        ev.errors_verdict(evidence["error_rate"], min_samples, confidence),
+        ev.agreement_verdict(evidence["agreement"], evidence["fidelity"],
+                             min_samples=min_samples, confidence=confidence,
+                             min_rate=settings.experiment_min_agreement),
+    ]  # fmt: skip
 
 
 def guardrails(
     base: dict[str, Any], new: dict[str, Any], settings: Settings, min_samples: int
 ) -> tuple[Any, Any]:
-    """Latency (slower beyond the tolerance?) and error-rate (higher?) tests of ``new``.
+    """Latency (one direction, slower beyond the tolerance?) and error-rate (higher?) tests.
 
-    The same guardrails judge a live experiment and a promotion's watch window.
+    The same guardrails judge a live experiment and a promotion's watch window, at one
+    confidence level, ``1 - experiment_alpha``. Latencies come from the arms' histograms
+    spread within their buckets (:func:`monitor.sketch.interpolated`), so interval bounds
+    are not stuck on bucket values.
     """
     from monitor.sequential import ErrorRateTest
-    from monitor.stats import compare_latencies
+    from monitor.stats import latency_effect
 
-    bv, bw = sketch.expand(base["_hist"])
-    nv, nw = sketch.expand(new["_hist"])
-    slower = compare_latencies(bv, nv, baseline_weights=bw, recent_weights=nw,
-                               tolerance=settings.experiment_latency_tolerance,
-                               alpha=settings.experiment_alpha,
-                               min_samples=min_samples)  # fmt: skip
+    latency = latency_effect(sketch.interpolated(base["_hist"]),
+                             sketch.interpolated(new["_hist"]),
+                             tolerance=settings.experiment_latency_tolerance,
+                             margin=settings.experiment_improvement_margin,
+                             alpha=settings.experiment_alpha,
+                             min_samples=min_samples)  # fmt: skip
     errors = ErrorRateTest(alpha=settings.experiment_alpha, min_samples=min_samples).update(
         base["calls"], base["errors"], new["calls"], new["errors"]
     )
-    return slower, errors
+    return latency, errors
 
 
 def _decide(
-    exp: ExperimentInfo, settings: Settings, slower: Any, faster: Any, errors: Any,
+    exp: ExperimentInfo, settings: Settings, latency: Any, errors: Any,
     agreement: dict[str, Any], fid: dict[str, Any], champ: dict[str, Any],
     chall: dict[str, Any], now: datetime,
 ) -> tuple[str, str]:  # fmt: skip
-    if slower.regressed:
-        return "rollback", f"guardrail: challenger latency regressed ({slower.reason})"
+    if latency.regressed:
+        return "rollback", f"guardrail: {latency.reason}"
     if errors.decision == "challenger_worse":
         return "rollback", f"guardrail: challenger error rate is higher ({errors.reason})"
     if fid["verdict"] == "worse":
@@ -166,24 +180,26 @@ def _decide(
         )
     enough = min(champ["calls"], chall["calls"]) >= exp.min_samples
     if enough and restores:
-        return "promote", f"{fid['reason']}, latency within the guardrail ({slower.reason})"
+        return "promote", f"{fid['reason']}; latency: {latency.reason}"
     judged = fid["verdict"] in ("same", "no_data")  # a few raw rows are not yet a verdict
-    if enough and faster.regressed and agreement.get("ok", True) and judged:
-        return "promote", f"challenger is faster within the guardrails ({faster.reason})"
+    if exp.shadow:  # too few shadow comparisons are not yet agreement
+        judged = judged and agreement["compared"] >= exp.min_samples
+    if enough and latency.improved and judged:
+        return "promote", f"{latency.reason}; errors and agreement within the guardrails"
     if (now - exp.started_at).total_seconds() >= exp.max_duration_s:
         return "inconclusive", (
-            f"no decision after the maximum duration of {exp.max_duration_s} s: "
-            f"{champ['calls']} champion and {chall['calls']} challenger calls; "
-            f"latency: {faster.reason}"
+            f"no decision after the maximum duration of {exp.max_duration_s:,} s: "
+            f"{champ['calls']:,} champion and {chall['calls']:,} challenger calls; "
+            f"latency: {latency.reason}"
         )
     if not enough:
         return "continue", (
-            f"collecting: {champ['calls']} champion and {chall['calls']} challenger calls "
-            f"of {exp.min_samples} needed per arm"
+            f"collecting: {champ['calls']:,} champion and {chall['calls']:,} challenger calls "
+            f"of {exp.min_samples:,} needed per arm"
         )
-    if faster.regressed and not judged:
-        return "continue", f"challenger is faster; fidelity not judged yet: {fid['reason']}"
-    return "continue", f"no difference yet ({faster.reason})"
+    if latency.improved and not judged:
+        return "continue", f"challenger faster; agreement not judged yet: {fid['reason']}"
+    return "continue", f"no decision yet: {latency.reason}"
 
 
 def _agreement(
@@ -199,12 +215,11 @@ def _agreement(
         compared, agreed = int(compared or 0), int(agreed or 0)
         rate = agreed / compared if compared else None
         return {"source": "shadow", "compared": compared, "agreed": agreed, "rate": rate,
-                "mean_score": (score or 0.0) / compared if compared else None,
-                "ok": rate is None or rate >= settings.experiment_min_agreement}  # fmt: skip
+                "mean_score": (score or 0.0) / compared if compared else None}  # fmt: skip
     # Split traffic sees different inputs: each arm is replayed against the source instead.
     chall = fid.get("challenger") or {}
     return {"source": "replay", "compared": chall.get("rows", 0), "rate": None,
-            "ok": fid["verdict"] != "worse", "note": fid["reason"]}  # fmt: skip
+            "note": fid["reason"]}  # fmt: skip
 
 
 def _fidelity(
@@ -228,8 +243,30 @@ def _fidelity(
     verdict, reason = _judge_fidelity(a, b, settings)
     out = {"verdict": verdict, "reason": reason, "reference": source.version,
            "margin": fidelity.margin(b.task) if b.task in fidelity.HEADLINE else None,
-           "champion": a.to_dict(), "challenger": b.to_dict()}  # fmt: skip
+           "champion": a.to_dict(), "challenger": b.to_dict(), "task": b.task,
+           **_fidelity_difference(a, b, 1.0 - settings.experiment_alpha)}  # fmt: skip
     return out, (a, b)
+
+
+def _fidelity_difference(champ: Replay, chall: Replay, confidence: float) -> dict[str, Any]:
+    """The headline metric's challenger - champion difference and its two-sided interval."""
+    if champ.status != "ok" or chall.status != "ok" or champ.task != chall.task:
+        return {}
+    from statistics import NormalDist
+
+    import numpy as np
+
+    diff = float(chall.scores.mean() - champ.scores.mean())
+    se = float(np.sqrt(chall.scores.var(ddof=1) / len(chall.scores)
+                       + champ.scores.var(ddof=1) / len(champ.scores)))  # fmt: skip
+    half = NormalDist().inv_cdf(0.5 + confidence / 2.0) * se
+    both = f"{fidelity.describe(chall)} vs champion {fidelity.describe(champ, label=False)}"
+    return {
+        "difference": diff,
+        "difference_ci": [diff - half, diff + half],
+        "summary": f"{both} ({chall.rows:,} and {champ.rows:,} rows)",
+        "measure": f"{fidelity.HEADLINE[chall.task][0]} challenger - champion",
+    }
 
 
 def _judge_fidelity(champ: Replay, chall: Replay, settings: Settings) -> tuple[str, str]:
@@ -242,7 +279,8 @@ def _judge_fidelity(champ: Replay, chall: Replay, settings: Settings) -> tuple[s
             f"{fidelity.MIN_ROWS} needed per arm"
         )
     both = f"{fidelity.describe(chall)} vs champion {fidelity.describe(champ, label=False)}"
-    alpha, by = settings.experiment_alpha, fidelity.margin(chall.task)
+    # One-sided at alpha / 2: the same level as the two-sided 1 - alpha intervals shown.
+    alpha, by = settings.experiment_alpha / 2.0, fidelity.margin(chall.task)
     if fidelity.better_by(champ, chall, by, alpha):
         return "worse", (
             f"challenger is less faithful to the source {chall.source_version}: {both} "
@@ -257,16 +295,21 @@ def _public(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stats.items() if not k.startswith("_")}
 
 
-def _timeline(stats: dict[str, Any], arm: str = "champion") -> list[dict[str, Any]]:
-    by_minute: dict[datetime, list[Any]] = {}
+def _timeline(
+    stats: dict[str, Any], started: datetime, arm: str = "champion"
+) -> list[dict[str, Any]]:
+    """p50 and p95 of each whole minute since ``started`` (minute 0 is the first)."""
+    by_minute: dict[int, list[Any]] = {}
     for start, _calls, buckets in stats["_timeline"]:
-        by_minute.setdefault(_floor(start), []).append(buckets)
+        by_minute.setdefault(int((start - started).total_seconds() // 60), []).append(buckets)
     out = []
     for minute, hists in sorted(by_minute.items()):
         merged = sketch.merge(hists)
         p50, p95 = sketch.quantiles(merged, (0.5, 0.95))
-        out.append({"t": minute.isoformat(), "arm": arm, "calls": sum(merged.values()),
-                    "p50_ms": _num(p50), "p95_ms": _num(p95)})  # fmt: skip
+        t = started + timedelta(minutes=minute)
+        out.append({"minute": minute, "t": t.isoformat(), "arm": arm,
+                    "calls": sum(merged.values()), "p50_ms": _num(p50),
+                    "p95_ms": _num(p95)})  # fmt: skip
     return out
 
 
@@ -312,7 +355,7 @@ def _act(
                                watch=timedelta(seconds=settings.promotion_watch_s))  # fmt: skip
         experiments.set_status(db, exp.id, "promotion_pending", v.evidence)
         notifier.notify_text(f"promotion {p.id} of {exp.model}:{exp.challenger_version} "
-                             f"is {p.status}: {v.reason}")  # fmt: skip
+                             f"is {p.status}: " + "; ".join(lines(v.evidence)))  # fmt: skip
         return replace(v, promotion_id=p.id)
     experiments.set_status(db, exp.id, "running", v.evidence)
     return v
@@ -341,10 +384,13 @@ def watch_promotions(
     out = []
     for p in promotions.watched(db, now):
         assert p.applied_at is not None
+        # Two versions, so no call can count on the wrong side: the new champion served
+        # none as champion before it was applied. Windows start on whole minutes, so the
+        # interval holding applied_at counts whole.
         span = now - p.applied_at
-        after = arm_stats(db, p.model, p.to_version, "champion", p.applied_at, now)
-        before = arm_stats(db, p.model, p.from_version, "champion", p.applied_at - span,
-                           p.applied_at)  # fmt: skip
+        after = arm_stats(db, p.model, p.to_version, "champion", _minute(p.applied_at), now)
+        before = arm_stats(db, p.model, p.from_version, "champion",
+                           _minute(p.applied_at - span), p.applied_at)  # fmt: skip
         lat, err = guardrails(before, after, settings, settings.experiment_min_samples)
         reason = ""
         if lat.regressed:
@@ -357,3 +403,7 @@ def watch_promotions(
             _event(db, notifier, "promotion_rollback", p.model, p.to_version, reason, details)
         out.append({"promotion_id": p.id, "rolled_back": bool(reason), "reason": reason})
     return out
+
+
+def _minute(t: datetime) -> datetime:
+    return t.replace(second=0, microsecond=0)

@@ -13,12 +13,11 @@ any dependency runs, so a check in a dependency comes too late.
 
 from __future__ import annotations
 
-import io
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
+from datetime import timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
@@ -434,8 +433,8 @@ def reject(db: DB, promotion_id: PromotionId, decision: DecisionIn) -> dict[str,
     "/promotions/{promotion_id}/latency.png", tags=["promotions"], response_class=Response,
     responses={**ONE, 200: {"content": {"image/png": {}}, "description": "A PNG plot"}},
     summary="Plot a promotion's latency evidence",
-    description="p50/p95 per arm over time when the evidence has a timeline, else bars of "
-    "p50/p95/p99 per arm.",
+    description="p50 and p95 per arm per minute since the experiment started (from the "
+    "evidence's timeline).",
 )  # fmt: skip
 def latency_plot(db: DB, promotion_id: PromotionId) -> Response:
     """The latency evidence as a PNG."""
@@ -518,88 +517,11 @@ def docs(request: Request) -> HTMLResponse:
 
 
 def latency_png(evidence: dict[str, Any], title: str) -> bytes:
-    """Plot per-arm latency: the timeline's p50/p95 when present, else p50/p95/p99 bars."""
-    from matplotlib.figure import Figure  # heavy: only when a plot is asked for
+    """The approval page's plot: p50 and p95 per arm per minute since the experiment started
+    (:func:`tuner.evidence.latency_png`)."""
+    from tuner import evidence as ev
 
-    fig = Figure(figsize=(8, 3.6), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    arms = evidence.get("arms")
-    drawn = _plot_timeline(ax, evidence.get("timeline"), arms) or _plot_bars(ax, arms)
-    if not drawn:
-        ax.text(0.5, 0.5, "no latency numbers in this evidence", ha="center", va="center")
-        ax.set_axis_off()
-    ax.set_title(title, fontsize=10)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _arm_order(arm: str) -> tuple[bool, str]:
-    return (arm != "champion", arm)  # the champion first, so it keeps the same colour
-
-
-def _arm_label(arm: str, arms: Any) -> str:
-    stats = arms.get(arm) if isinstance(arms, dict) else None
-    version = stats.get("version") if isinstance(stats, dict) else None
-    return f"{arm} {version}" if version else arm
-
-
-def _plot_timeline(ax: Any, timeline: Any, arms: Any) -> bool:
-    series: dict[str, list[tuple[datetime, float | None, float | None]]] = {}
-    for point in timeline if isinstance(timeline, list) else []:
-        try:
-            t = datetime.fromisoformat(str(point["t"]))
-        except (KeyError, TypeError, ValueError):
-            continue  # a point without a readable time cannot be placed
-        p50, p95 = _num(point.get("p50_ms")), _num(point.get("p95_ms"))
-        series.setdefault(str(point.get("arm", "?")), []).append((t, p50, p95))
-    drawn = False
-    for i, arm in enumerate(sorted(series, key=_arm_order)):
-        points = sorted(series[arm], key=lambda p: p[0])
-        times = [p[0] for p in points]
-        for column, style, quantile in ((1, "-", "p50"), (2, "--", "p95")):
-            values = [p[column] if p[column] is not None else float("nan") for p in points]
-            if any(v == v for v in values):  # NaN != NaN: skip an all-missing series
-                label = f"{_arm_label(arm, arms)} {quantile}"
-                ax.plot(times, values, style, color=f"C{i}", marker=".", label=label)
-                drawn = True
-    if drawn:
-        from matplotlib import dates
-
-        locator = dates.AutoDateLocator()
-        ax.xaxis.set_major_locator(locator)
-        ax.xaxis.set_major_formatter(dates.ConciseDateFormatter(locator))
-        ax.set_ylabel("latency (ms)")
-        ax.set_xlabel("time (UTC)")
-        ax.legend(fontsize=8, loc="best")
-    return drawn
-
-
-def _plot_bars(ax: Any, arms: Any) -> bool:
-    if not isinstance(arms, dict) or not arms:
-        return False
-    names = sorted(arms, key=_arm_order)
-    quantiles = ("p50_ms", "p95_ms", "p99_ms")
-    width = 0.8 / len(names)
-    drawn = False
-    for i, arm in enumerate(names):
-        stats = arms[arm] if isinstance(arms[arm], dict) else {}
-        values = [_num(stats.get(q)) for q in quantiles]
-        if all(v is None for v in values):
-            continue
-        xs = [q + (i - (len(names) - 1) / 2) * width for q in range(len(quantiles))]
-        heights = [v if v is not None else 0.0 for v in values]
-        ax.bar(xs, heights, width, color=f"C{i}", label=_arm_label(arm, arms))
-        drawn = True
-    if drawn:
-        ax.set_xticks(range(len(quantiles)), [q.removesuffix("_ms") for q in quantiles])
-        ax.set_ylabel("latency (ms)")
-        ax.legend(fontsize=8, loc="best")
-    return drawn
+    return ev.latency_png(evidence, title)
 
 
 # --- the app ---------------------------------------------------------------------------

@@ -303,17 +303,10 @@ def _experiment(
         time.sleep(0.2)
     serve_for(dep, data.x_test, 4 * pace, rng)
     ev = verdict.evidence
-    faster = ev["latency_challenger_faster"]
     return {
         "experiment": exp.id, "promotion": pid, "decision": decided.status,
         "decided_by": decided.decided_by, "serving": dep.routing.champion.version,
-        "evidence": {
-            "arms": ev.get("arms"),
-            "median_ratio_champion_over_challenger": faster.get("median_ratio"),
-            "median_ratio_ci": faster.get("median_ci"),
-            "error_rate_p_value": ev["error_rate"].get("p_value"),
-            "agreement": ev.get("agreement"),
-        },
+        "evidence": {"arms": ev.get("arms"), "verdicts": ev.get("verdicts", [])},
     }  # fmt: skip
 
 
@@ -351,7 +344,7 @@ def _print_summary(console: Any, s: dict[str, Any]) -> None:
     b, a = s["latency_before_ms"], s["latency_after_ms"]
     ev = s["evidence"]
     reg = s.get("latency_regression") or {}
-    ci = ev.get("median_ratio_ci") or [None, None]
+    verdicts = {v["guardrail"]: v for v in ev.get("verdicts", [])}
     rows = [
         ("events detected", ", ".join(s["events"]) or "none"),
         ("input drift: share of features drifted", _fmt(s.get("drift_share"))),
@@ -359,14 +352,13 @@ def _print_summary(console: Any, s: dict[str, Any]) -> None:
          f"x{_fmt(reg.get('median_ratio'))}, x{_fmt(reg.get('p95_ratio'))}"),
         ("champion latency before: p50 / p95", f"{_fmt(b['p50_ms'])} / {_fmt(b['p95_ms'])} ms"),
         ("champion latency after: p50 / p95", f"{_fmt(a['p50_ms'])} / {_fmt(a['p95_ms'])} ms"),
-        ("speed-up live (median, 90 % CI)",
-         f"x{_fmt(ev['median_ratio_champion_over_challenger'])} [{_fmt(ci[0])}, {_fmt(ci[1])}]"),
+        ("live: latency", _verdict(verdicts, "latency")),
         ("speed-up offline (tuning run, items/s)", f"x{_fmt(s.get('offline_speedup'))}"),
         ("winner", f"{s['winner']} ({s.get('winner_candidate')})"),
         ("accuracy vs the old champion", _accuracy(s.get("winner_accuracy") or {})),
         ("decision", f"{s['decision']} by {s['decided_by']}; now serving {s['serving']}"),
-        ("evidence: error-rate p-value (mSPRT)", _fmt(ev["error_rate_p_value"])),
-        ("evidence: output agreement", _agreement(ev.get("agreement") or {})),
+        ("live: errors", _verdict(verdicts, "errors")),
+        ("live: agreement", _verdict(verdicts, "agreement")),
         ("elapsed", f"{s.get('elapsed_s')} s"),
         ("database", s["database"]),
     ]  # fmt: skip
@@ -388,12 +380,9 @@ def _accuracy(acc: dict[str, Any]) -> str:
     return ", ".join(parts) or str(acc)
 
 
-def _agreement(agreement: dict[str, Any]) -> str:
-    if agreement.get("source") == "shadow":
-        return f"shadow: {_fmt(agreement.get('rate'))} of {agreement.get('compared')} calls agree"
-    verdict = "differ" if agreement.get("drift_detected") else "agree"
-    return (f"split traffic: output distributions {verdict} "
-            f"({agreement.get('compared', 0)} challenger outputs)")  # fmt: skip
+def _verdict(verdicts: dict[str, Any], guardrail: str) -> str:
+    v = verdicts.get(guardrail)
+    return f"[{v['status'].replace('_', ' ')}] {v['text']}" if v else "-"
 
 
 def _fmt(x: Any) -> str:
