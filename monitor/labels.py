@@ -62,10 +62,12 @@ def request_context(
     True
     """
     rid: str | tuple[str, ...] | None
-    if request_id is None or isinstance(request_id, (str, int)):
-        rid = None if request_id is None else _id_text(request_id, 0)
-    else:
+    if request_id is None:
+        rid = None
+    elif isinstance(request_id, (list, tuple)) or getattr(request_id, "ndim", 0) == 1:
         rid = tuple(_id_text(v, i) for i, v in enumerate(request_id))
+    else:
+        rid = _id_text(request_id, 0)
     ctx = RequestContext(rid, bool(sample))
     token = REQUEST.set(ctx)
     try:
