@@ -65,7 +65,7 @@ def request_context(
     if request_id is None:
         rid = None
     elif isinstance(request_id, (list, tuple)) or getattr(request_id, "ndim", 0) == 1:
-        rid = tuple(_id_text(v, i) for i, v in enumerate(request_id))
+        rid = tuple(_id_text(v, i) for i, v in enumerate(list(request_id)))  # type: ignore[arg-type]
     else:
         rid = _id_text(request_id, 0)
     ctx = RequestContext(rid, bool(sample))
