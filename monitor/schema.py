@@ -423,6 +423,12 @@ class Experiment(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     analysis: Mapped[dict[str, Any]]
     updated_at: Mapped[datetime]
+    # Watch-only (migration 0007): the analysis records verdicts but never acts on them.
+    dry_run: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
+    # "stop" ends an inconclusive experiment at its maximum duration; "pause" keeps it live
+    # and says so, for a person to decide.
+    on_inconclusive: Mapped[str] = mapped_column(String(10), default="stop",
+                                                 server_default="stop")  # fmt: skip
 
 
 class ShadowAggregate(Base):
