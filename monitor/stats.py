@@ -460,7 +460,11 @@ def latency_effect(
     ratio, ci = math.exp(shift.shift), (math.exp(shift.ci[0]), math.exp(shift.ci[1]))
     boot = _bootstrap_quantile(new, P95, seed) / _bootstrap_quantile(base, P95, seed + 1)
     p95_ci = tuple(float(v) for v in np.quantile(boot, [alpha / 2.0, 1.0 - alpha / 2.0]))
-    p95_base, p95_new = _order_quantile(base, P95), _order_quantile(new, P95)
+    # Quantiles shown come from every call, not the thinned sample, so they match a table
+    # of the same calls (``np.quantile(..., method="inverted_cdf")``).
+    (p50_base, p95_base), (p50_new, p95_new) = (
+        _full_quantiles(x, (0.5, P95)) for x in (champion, challenger)
+    )
     direction = "no_difference" if p_value >= alpha else ("slower" if ratio > 1.0 else "faster")
     limit = 1.0 + tolerance
     regressed = direction == "slower" and (ci[0] > limit or p95_ci[0] > limit)
@@ -468,11 +472,17 @@ def latency_effect(
     effect = replace(
         empty, status="ok", direction=direction, regressed=regressed, improved=improved,
         p_value=p_value, median_ratio=ratio, median_ci=ci,
-        p50_champion=_order_quantile(base, 0.5), p50_challenger=_order_quantile(new, 0.5),
+        p50_champion=p50_base, p50_challenger=p50_new,
         p95_champion=p95_base, p95_challenger=p95_new, p95_ratio=p95_new / p95_base,
         p95_ci=(p95_ci[0], p95_ci[1]),
     )  # fmt: skip
     return replace(effect, reason=_effect_reason(effect))
+
+
+def _full_quantiles(values: npt.ArrayLike, qs: tuple[float, ...]) -> list[float]:
+    x = np.asarray(values, dtype=np.float64).ravel()
+    x = np.maximum(x[np.isfinite(x) & (x >= 0.0)], MIN_LATENCY_MS)
+    return [float(v) for v in np.quantile(x, qs, method="inverted_cdf")]
 
 
 def format_effect(value: float, ci: tuple[float, float]) -> str:

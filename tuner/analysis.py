@@ -20,10 +20,12 @@ inconclusive experiment stops with the reason.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+import numpy as np
 from sqlalchemy import func, select
 
 from monitor import schema, sketch
@@ -73,17 +75,22 @@ def arm_stats(
     rows = read_aggregates(db, model, version, arm=arm, start=start, end=end)
     hist = sketch.merge(r.buckets for r in rows)
     calls, errors = sum(r.calls for r in rows), sum(r.errors for r in rows)
-    p50, p95, p99 = sketch.quantiles(hist, (0.5, 0.95, 0.99))
+    # One value per call, spread within its bucket: the latency verdict reads the same
+    # sample, so its p50/p95 match these.
+    sample = sketch.interpolated(hist)
+    p50, p95, p99 = (
+        np.quantile(sample, (0.5, 0.95, 0.99), method="inverted_cdf") if calls else [math.nan] * 3
+    )
     return {
         "version": version, "arm": arm, "calls": calls, "errors": errors,
         "error_rate": errors / calls if calls else 0.0,
-        "p50_ms": _num(p50), "p95_ms": _num(p95), "p99_ms": _num(p99), "_hist": hist,
+        "p50_ms": _num(p50), "p95_ms": _num(p95), "p99_ms": _num(p99), "_sample": sample,
         "_timeline": [(r.interval_start, r.calls, r.buckets) for r in rows],
     }  # fmt: skip
 
 
 def _num(x: float) -> float | None:
-    return None if x != x else round(x, 4)
+    return None if x != x else round(float(x), 4)
 
 
 def analyze(
@@ -143,8 +150,7 @@ def guardrails(
     from monitor.sequential import ErrorRateTest
     from monitor.stats import latency_effect
 
-    latency = latency_effect(sketch.interpolated(base["_hist"]),
-                             sketch.interpolated(new["_hist"]),
+    latency = latency_effect(base["_sample"], new["_sample"],
                              tolerance=settings.experiment_latency_tolerance,
                              margin=settings.experiment_improvement_margin,
                              alpha=settings.experiment_alpha,
@@ -253,8 +259,6 @@ def _fidelity_difference(champ: Replay, chall: Replay, confidence: float) -> dic
     if champ.status != "ok" or chall.status != "ok" or champ.task != chall.task:
         return {}
     from statistics import NormalDist
-
-    import numpy as np
 
     diff = float(chall.scores.mean() - champ.scores.mean())
     se = float(np.sqrt(chall.scores.var(ddof=1) / len(chall.scores)
