@@ -20,6 +20,7 @@ import numpy as np
 
 from monitor.errors import ConfigError, SchemaOutOfDate, StorageError
 from monitor.features import OUTPUT_KINDS, named_inputs, sample_rows, snapshot
+from monitor.labels import REQUEST, check_ids, request_context
 from monitor.settings import Settings
 from monitor.storage import Database, ensure_schema, redact
 from monitor.telemetry import build_meter_provider, build_tracer_provider, current_parent, emit_span
@@ -197,14 +198,16 @@ class Monitor:
         latency_ms: float | Sequence[float] | np.ndarray | None = None,
         timestamps: Any = None,
         arm: str | None = None,
+        ids: Any = None,
     ) -> int:
         """Log a batch of inputs (and outputs, latencies) now or backfilled at ``timestamps``.
 
-        Every row is stored (no sampling). Returns the number of rows accepted.
+        Every row is stored (no sampling). ``ids`` (one per row) are what labels logged later
+        join on (:meth:`log_labels`). Returns the number of rows accepted.
 
         Raises:
-            ValueError: lengths of ``outputs``, ``latency_ms`` or ``timestamps`` do not match
-                the rows of ``inputs``.
+            ValueError: lengths of ``outputs``, ``latency_ms``, ``timestamps`` or ``ids`` do
+                not match the rows of ``inputs``, or an id is not a string or integer.
         """
         key = self.key(name, version, arm)
         feed = inputs if isinstance(inputs, Mapping) else {"arg0": inputs}
@@ -219,9 +222,37 @@ class Monitor:
             raise ValueError(f"inputs of type {type(inputs).__name__} hold no rows to log")
         times = _timestamps(timestamps, n)
         lat = _latencies(latency_ms, n)
-        self._writer.logs.append(LogBatch(key, times, rows, lat))
+        row_ids = check_ids(ids, n) if ids is not None else None
+        self._writer.logs.append(LogBatch(key, times, rows, lat, row_ids))
         self._writer._wake.set()
         return n
+
+    def context(self, request_id: Any = None, *, sample: bool = False) -> Any:
+        """``with mon.context(request_id=..., sample=True):`` ids the monitored calls inside.
+
+        Sampled rows of those calls (wrapped models and deployments) store the id, so labels
+        logged later join to them. ``sample=True`` keeps every such call (the per-minute cap
+        does not apply), so every request that will get a label can be joined. A sequence
+        gives one id per row of a batched call. See :func:`monitor.labels.request_context`.
+        """
+        return request_context(request_id, sample=sample)
+
+    def log_labels(
+        self, *, name: str, ids: Any, labels: Any, timestamps: Any = None, task: str = "auto"
+    ) -> Any:
+        """Store labels (class indices or targets) for the predictions with ``ids``.
+
+        Pending telemetry is written first, so predictions made just before join. Returns a
+        :class:`monitor.labels.LabelReport`: how many joined, were not sampled (unknown id),
+        duplicated an earlier label (the last one wins) or were missing (NaN).
+
+        Raises:
+            ConfigError: a label of the wrong type or shape (the message names it and its id).
+        """
+        from monitor.labels import log_labels
+
+        self.flush(timeout=10.0)
+        return log_labels(self.db, name, ids, labels, timestamps, task=task)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -352,23 +383,29 @@ class Instrumented:
                 self._mon._drop()
                 return
             r = random()
+            ctx = _request()  # None unless the caller set mon.context(...)
             q.append((
                 self._key, t0, dt, batch_size_of(args, kwargs), error,
-                self._snapshot(args, kwargs, result) if error is None and r < self._srate
+                self._snapshot(args, kwargs, result, ctx)
+                if error is None and (r < self._srate or (ctx is not None and ctx.sample))
                 else None,
                 (current_parent() or True) if r < self._trate else None,
             ))  # fmt: skip
         except Exception:  # monitoring never raises into the caller
             self._mon._internal_error()
 
-    def _snapshot(self, args: Any, kwargs: Any, result: Any) -> Any:
-        """Copy what a sampled call stores, so a reused buffer cannot change it later."""
+    def _snapshot(self, args: Any, kwargs: Any, result: Any, ctx: Any = None) -> Any:
+        """Copy what a sampled call stores, so a reused buffer cannot change it later; with
+        the request id and whether the context forced the sample."""
         try:
-            k = self._rows
+            # A forced sample keeps the whole call; otherwise no more rows than can be stored.
+            k = self._rows if ctx is None or not ctx.sample else 1 << 62
             return (
                 tuple(snapshot(a, k) for a in args),
                 {name: snapshot(v, k) for name, v in kwargs.items()},
                 snapshot(result, k),
+                ctx.request_id if ctx is not None else None,
+                ctx is not None and ctx.sample,
             )
         except Exception:  # an input that cannot be copied loses only its sample
             self._mon._internal_error()
@@ -555,6 +592,7 @@ def _latencies(value: Any, n: int) -> list[float] | None:
 
 
 _LIVE: weakref.WeakSet[Monitor] = weakref.WeakSet()
+_request = REQUEST.get  # bound once: the call path's whole cost when no context is set
 
 
 @atexit.register

@@ -205,7 +205,8 @@ def features_frame(samples: list[SampleRow]) -> pd.DataFrame:
 
 def outputs_frame(samples: list[SampleRow]) -> pd.DataFrame:
     """Output summaries of samples as a DataFrame (top class is categorical)."""
-    records = [s.outputs for s in samples if s.outputs]
+    # The probability vector (kept for realized log loss) is not a drift column.
+    records = [{k: v for k, v in s.outputs.items() if k != "probs"} for s in samples if s.outputs]
     frame = pd.DataFrame.from_records(records)
     if "top_class" in frame:
         frame["top_class"] = frame["top_class"].astype("Int64").astype(str)

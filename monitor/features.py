@@ -19,6 +19,7 @@ import numpy as np
 
 SUMMARY_FEATURES = ("mean", "std", "min", "max", "l2")
 OUTPUT_KINDS = ("auto", "classes", "embedding", "scalar")
+MAX_STORED_PROBS = 128  # class-score outputs this wide or narrower keep their probabilities
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,15 @@ def output_summaries(
         return [{"norm": _scalar(v)} for v in np.linalg.norm(flat, axis=1).tolist()]
     probs = _as_probabilities(flat)
     top = probs.argmax(axis=1)
-    return [{"top_class": int(c), "confidence": _scalar(probs[i, c])} for i, c in enumerate(top)]
+    if probs.shape[1] > MAX_STORED_PROBS:
+        return [{"top_class": int(c), "confidence": _scalar(probs[i, c])}
+                for i, c in enumerate(top)]  # fmt: skip
+    # The whole probability vector, so realized log loss can be computed once labels arrive.
+    vectors = np.round(probs, 6).tolist()
+    return [
+        {"top_class": int(c), "confidence": _scalar(probs[i, c]), "probs": vectors[i]}
+        for i, c in enumerate(top)
+    ]
 
 
 def _first_array(outputs: Any) -> np.ndarray | None:

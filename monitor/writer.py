@@ -27,6 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from monitor import schema, sketch
 from monitor.errors import MonitorError, SchemaOutOfDate, StorageError
 from monitor.features import RowSample, named_inputs, sample_rows
+from monitor.labels import row_ids
 from monitor.settings import Settings
 from monitor.storage import Database, ensure_schema, insert_rows
 from monitor.telemetry import CANCELLED
@@ -105,6 +106,7 @@ class LogBatch:
     times: list[datetime]
     rows: list[RowSample]
     latencies_ms: list[float] | None
+    ids: list[str] | None = None  # one request id per row (``Monitor.log(ids=...)``)
 
 
 class Writer:
@@ -333,7 +335,7 @@ class Writer:
         """Sample and span of one call; a record that breaks them loses only them."""
         try:
             if payload is not None:
-                self._sample(key, wall, payload)
+                self._sample(key, wall, payload, items)
             if span_ctx is not None and self.make_span is not None:
                 self.make_span(key, wall, dt, error, span_ctx, items)
         except Exception:
@@ -349,16 +351,19 @@ class Writer:
             span[0], span[1] = min(span[0], when), max(span[1], when)
         self._seen_dirty.add(key)
 
-    def _sample(self, key: Key, wall_ns: int, payload: tuple[Any, ...]) -> None:
+    def _sample(self, key: Key, wall_ns: int, payload: tuple[Any, ...], items: int = 1) -> None:
         minute = wall_ns // 60_000_000_000
         cur, used = self._minute.get(key, (minute, 0))
         if cur != minute:
             used = 0
+        args, kwargs, result, request_id, forced = payload
+        # A sample the caller forced (mon.context(sample=True)) is kept beyond the cap.
         room = self.settings.sample_cap_per_minute - used
+        if forced:
+            room = max(room, items, 1)
         if room <= 0:
             self.count("samples_capped")
             return
-        args, kwargs, result = payload
         raw_max = self.settings.raw_row_max_bytes if self.settings.raw_reservoir_mb > 0 else 0
         rows = sample_rows(
             named_inputs(args, kwargs), result, max_rows=room,
@@ -367,13 +372,15 @@ class Writer:
         )  # fmt: skip
         self._minute[key] = (minute, used + len(rows))
         ts = datetime.fromtimestamp(wall_ns / 1e9, timezone.utc)
-        for r in rows:
-            self._buffer(self._samples, _sample_dict(key, ts, r, "call"))
+        ids = row_ids(request_id, max(items, len(rows)))
+        for r, rid in zip(rows, ids):
+            self._buffer(self._samples, _sample_dict(key, ts, r, "call", rid))
 
     def _take_log(self, batch: LogBatch) -> None:
-        key = batch.key
+        key, ids = batch.key, batch.ids
         for i, r in enumerate(batch.rows):
-            self._buffer(self._samples, _sample_dict(key, batch.times[i], r, "log"))
+            rid = ids[i] if ids is not None else None
+            self._buffer(self._samples, _sample_dict(key, batch.times[i], r, "log", rid))
         for ts in (batch.times[0], batch.times[-1]):
             self._mark_seen(key, int(ts.timestamp() * 1e9))
         if batch.latencies_ms is None:
@@ -640,11 +647,14 @@ def _upsert_counter(dialect: str, instance: str, name: str, value: int, now: dat
     )
 
 
-def _sample_dict(key: Key, ts: datetime, row: RowSample, source: str) -> dict[str, Any]:
+def _sample_dict(
+    key: Key, ts: datetime, row: RowSample, source: str, request_id: str | None = None
+) -> dict[str, Any]:
     return {
         "model": key.model, "version": key.version, "arm": key.arm, "ts": ts, "source": source,
         "input_kind": row.input_kind, "features": row.features, "outputs": row.outputs,
         "raw": row.raw, "raw_bytes": len(row.raw) if row.raw is not None else None,
+        "request_id": request_id,
     }  # fmt: skip
 
 

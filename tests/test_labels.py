@@ -177,3 +177,40 @@ def test_request_context_is_a_context_variable() -> None:
     assert row_ids(("a",), 2) == ["a", None]
     with pytest.raises(ConfigError, match="id 1.5"), request_context(1.5):  # type: ignore[arg-type]
         pass
+
+
+def test_ids_from_log_context_and_deployment_join_labels(db_url: str, tmp_path: Path) -> None:
+    import asyncio
+
+    from monitor import Monitor, Settings
+    from monitor.storage import read_samples
+    from tests.serving_models import tiny_onnx
+    from tuner import registry
+
+    settings = Settings(database_url=db_url, artifacts_dir=str(tmp_path / "artifacts"))
+    db = Database(db_url)
+    registry.register("m", tiny_onnx(tmp_path / "v1.onnx"), db=db, settings=settings)
+    db.dispose()
+    with Monitor(db_url, sample_rate=0.0, sample_cap_per_minute=1) as mon:
+        clf = mon.wrap(lambda x: np.eye(3)[x[:, 0].astype(int) % 3], name="clf")
+        for i in range(4):  # forced past a cap of one row a minute
+            with mon.context(request_id=f"q{i}", sample=True):
+                clf(np.array([[i, 0.0]]))
+        clf(np.array([[5, 0.0]]))  # sample_rate 0 and no context: not stored
+        with mon.context(request_id="batch", sample=True):
+            clf(np.array([[1, 0.0], [2, 0.0]]))
+        mon.log(name="clf", inputs=np.zeros((2, 2)), outputs=np.eye(3)[:2], ids=["l0", "l1"])
+        with pytest.raises(ConfigError, match="ids has 1 entries for 2 rows"):
+            mon.log(name="clf", inputs=np.zeros((2, 2)), ids=["only-one"])
+        dep = mon.deployment("m")
+        x = {"x": np.ones((1, 4), np.float32)}
+        with mon.context(sample=True):  # the call's own id, the context's sampling
+            dep(x, key="u1", request_id="dep-sync")
+            asyncio.run(dep.acall(x, request_id="dep-async"))
+        report = mon.log_labels(name="clf", ids=["q3", "batch/1", "l1", "q9"], labels=[0, 2, 1, 0])
+        assert (report.matched, report.not_sampled) == (3, 1)
+        stored = {r.request_id for r in read_samples(mon.db, "clf")}
+        assert stored == {"q0", "q1", "q2", "q3", "batch/0", "batch/1", "l0", "l1"}
+        served = {r.request_id for r in read_samples(mon.db, "m")}
+        assert served == {"dep-sync", "dep-async"}
+        assert REQUEST.get() is None

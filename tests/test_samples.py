@@ -40,7 +40,8 @@ def test_a_buffer_reused_after_the_call_leaves_the_stored_sample_intact(sqlite_u
         assert row.raw is not None
         np.testing.assert_array_equal(row.raw["arg0"], expected_raw[i])
         assert row.features["min"] == 100.0 * i and row.features["max"] == 100.0 * i + 99
-        assert row.outputs == {"top_class": i % 3, "confidence": 1.0}
+        probs = [1.0 if c == i % 3 else 0.0 for c in range(3)]
+        assert row.outputs == {"top_class": i % 3, "confidence": 1.0, "probs": probs}
 
 
 def test_a_reused_tabular_buffer_keeps_what_the_call_saw(sqlite_url: str) -> None:

@@ -99,7 +99,7 @@ def test_torch_module_runs_under_inference_mode(sqlite_url: str) -> None:
         "x2",
         "x3",
     }
-    assert set(samples[0].outputs or {}) == {"top_class", "confidence"}
+    assert set(samples[0].outputs or {}) == {"top_class", "confidence", "probs"}
     raw = samples[0].raw or {}
     assert np.allclose(raw["arg0"], x[0].numpy())
 
