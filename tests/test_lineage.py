@@ -342,3 +342,15 @@ def test_judging_a_winner_against_the_incumbent() -> None:
     outcome, reason = judge(fast, late, "throughput", 0.05)
     assert outcome == "registered" and "no batch size meets the SLO" in reason
     assert judge(None, slow, "throughput", 0.05)[0] == "no_change"
+
+
+def test_interleaved_rounds_decide_the_gain_over_single_figures() -> None:
+    # Single figures say x1.20, but measured in turn the two run at the same speed.
+    fast = _trial("static", True, "guard passed: ok", throughput=120.0, latency_p95_ms=1.0)
+    inc = _trial("incumbent", True, "guard passed: ok", throughput=100.0, latency_p95_ms=1.2)
+    outcome, reason = judge(fast, inc, "throughput", 0.05, [1.01, 0.99, 1.03, 1.0, 0.98])
+    assert outcome == "no_change"
+    assert "x1.00 the incumbent's throughput; needs x1.05" in reason
+    assert "median of 5 interleaved rounds: x0.98 to x1.03" in reason
+    outcome, _ = judge(fast, inc, "throughput", 0.05, [1.2, 1.1, 1.3])
+    assert outcome == "registered"
