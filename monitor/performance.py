@@ -358,8 +358,8 @@ class PerformanceComparison:
     dropped: bool
     task: str
     metric: str  # accuracy or mae
-    reference: float | None
-    recent: float | None
+    reference_value: float | None
+    recent_value: float | None
     change: float | None  # accuracy points lost, or MAE gained as a fraction of the reference
     ci: tuple[float, float] | None
     p_value: float | None
@@ -517,13 +517,15 @@ def _finding(
     model: str, g: Joined, r: PerformanceComparison, ref: tuple[datetime, datetime],
     rec: tuple[datetime, datetime], s: Settings,
 ) -> Finding:  # fmt: skip
+    # "recent" is the window (what a retune's fresh data starts from, tuner.data.event_since).
     details = {
         **r.to_dict(), "reference": [ref[0].isoformat(), ref[1].isoformat()],
         "recent": [rec[0].isoformat(), rec[1].isoformat()],
     }  # fmt: skip
     severe = r.ci is not None and r.ci[0] > 3 * s.performance_tolerance
-    what = (f"accuracy {r.reference:.3f} -> {r.recent:.3f}" if r.metric == "accuracy"
-            else f"MAE {r.reference:.4g} -> {r.recent:.4g}")  # fmt: skip
+    what = (f"accuracy {r.reference_value:.3f} -> {r.recent_value:.3f}"
+            if r.metric == "accuracy"
+            else f"MAE {r.reference_value:.4g} -> {r.recent_value:.4g}")  # fmt: skip
     summary = (
         f"{model}:{g.version} [{g.arm}] realized performance dropped: {what} "
         f"({r.n_recent} labelled predictions)"
