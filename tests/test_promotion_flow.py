@@ -25,7 +25,7 @@ from tests.test_fidelity import degraded, derive, make_champion, rolled
 from tuner import audit, experiments, promotions, registry
 from tuner.analysis import run_analysis, watch_promotions
 from tuner.cli import main
-from tuner.errors import Conflict
+from tuner.errors import Conflict, TunerError
 
 RNG = np.random.default_rng(0)
 
@@ -451,4 +451,68 @@ def test_a_shadow_challenger_that_restores_fidelity_is_not_rolled_back_for_disag
     assert (fid["verdict"], fid["challenger"]["arm"]) == ("restores", "shadow")
     assert verdict.decision == "promote", verdict.reason
     assert experiments.get(db, exp.id).status == "promotion_pending"
+    db.dispose()
+
+
+def test_a_dry_run_records_verdicts_but_never_acts(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _setup(db_url, tmp_path, "light", "heavy")
+    db = Database(db_url)
+    url = ["--database-url", db_url]
+    start = ["experiment", "start", "clf", "--candidate", "v2", "--share", "0.5",
+             "--min-samples", "100", "--dry-run", *url]  # fmt: skip
+    assert main(start) == 0
+    assert "(50% of traffic; dry run: verdicts recorded, never acted on)" in (
+        capsys.readouterr().out
+    )
+    (exp,) = experiments.list_experiments(db, "clf")
+    assert exp.dry_run and exp.on_inconclusive == "stop"
+    time.sleep(1.01 - exp.started_at.timestamp() % 1.0)  # see _start
+    with Monitor(db_url, aggregate_interval_s=1) as mon:
+        _traffic(mon.deployment("clf", poll_s=60), 600)
+        mon.flush()
+    assert main(["analyze", *url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(
+        f"experiment {exp.id}: rollback: dry run, not acted on: would rollback: guardrail: "
+        "challenger slower, beyond the x1.10 tolerance: median x"
+    ), out
+    assert out[1].startswith("    latency: [breach] challenger slower, beyond the x1.10 ")
+    assert out[2].startswith("    errors: [pass] no significant difference: 0 of ")
+    watched = experiments.get(db, exp.id)
+    assert (watched.status, watched.share) == ("running", 0.5)  # still serving as before
+    assert watched.analysis["dry_run"] and watched.analysis["verdicts"][0]["status"] == "breach"
+    assert list_events(db, model="clf") == [] and promotions.list_promotions(db) == []
+    assert champion(db, "clf").version == "v1"
+    db.dispose()
+
+
+def test_an_inconclusive_experiment_pauses_or_stops_as_asked(
+    sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datetime import timedelta
+
+    from monitor.registry import routing
+
+    settings = _setup(sqlite_url, tmp_path, "light", "heavy")
+    db = Database(sqlite_url)
+    exp = experiments.start(db, "clf", "v2", max_duration_s=60, on_inconclusive="pause")
+    (verdict,) = run_analysis(db, settings, now=exp.started_at + timedelta(seconds=61))
+    assert verdict.decision == "inconclusive"
+    assert verdict.reason.startswith("paused: no decision after the maximum duration of 60 s")
+    paused = experiments.get(db, exp.id)
+    assert (paused.status, paused.ended_at) == ("paused", None)
+    assert routing(db, "clf").challenger is None  # out of traffic, not ended
+    assert run_analysis(db, settings) == []  # judged no more until a person acts
+    assert main(["experiment", "stop", str(exp.id), "--database-url", sqlite_url]) == 0
+    assert experiments.get(db, exp.id).status == "stopped"
+
+    again = experiments.start(db, "clf", "v2", max_duration_s=60)  # on_inconclusive="stop"
+    (verdict,) = run_analysis(db, settings, now=again.started_at + timedelta(seconds=61))
+    assert (verdict.decision, experiments.get(db, again.id).status) == (
+        "inconclusive", "inconclusive"
+    )  # fmt: skip
+    with pytest.raises(TunerError, match="on_inconclusive='wait' is not one of stop, pause"):
+        experiments.start(db, "clf", "v2", on_inconclusive="wait")
     db.dispose()

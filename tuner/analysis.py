@@ -51,12 +51,13 @@ class Verdict:
     evidence: dict[str, Any]
     promotion_id: int | None = None
     replays: tuple[Replay, ...] = field(default=(), repr=False)  # stored by run_analysis
+    dry_run: bool = False  # a watch-only experiment: recorded, never acted on
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {"experiment_id": self.experiment_id, "decision": self.decision,
                 "reason": self.reason, "promotion_id": self.promotion_id,
-                "evidence": self.evidence}  # fmt: skip
+                "dry_run": self.dry_run, "evidence": self.evidence}  # fmt: skip
 
 
 def challenger_arm(exp: ExperimentInfo) -> str:
@@ -342,6 +343,22 @@ def run_analysis(
 def _act(
     db: Database, settings: Settings, exp: ExperimentInfo, v: Verdict, notifier: Notifier
 ) -> Verdict:
+    if exp.dry_run and v.decision in ("rollback", "promote"):
+        # Watch only: the verdict is recorded for people to read; nothing changes.
+        v = replace(v, dry_run=True, reason=f"dry run, not acted on: would {v.decision}: "
+                    f"{v.reason}")  # fmt: skip
+        v.evidence.update(reason=v.reason, dry_run=True)
+        experiments.set_status(db, exp.id, "running", v.evidence)
+        return v
+    if v.decision == "inconclusive" and exp.on_inconclusive == "pause":
+        reason = (f"paused: {v.reason}; the challenger is out of traffic until a person "
+                  f"stops the experiment (tunewatch experiment stop {exp.id})")  # fmt: skip
+        v = replace(v, reason=reason)
+        v.evidence.update(reason=reason)
+        if experiments.pause(db, exp.id, reason=reason, analysis=v.evidence):
+            notifier.notify_text(f"experiment {exp.id} of {exp.model}:{exp.challenger_version} "
+                                 f"{reason}")  # fmt: skip
+        return v
     if v.decision == "rollback":
         experiments.end(db, exp.id, "rolled_back", by="analysis", reason=v.reason,
                         action="experiment_rolled_back", analysis=v.evidence)  # fmt: skip

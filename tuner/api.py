@@ -110,8 +110,12 @@ class PromotionOut(BaseModel):
     to_version: str = Field(description="The challenger asked to become champion")
     status: str = Field(description="pending, approved, rejected, applied or rolled_back")
     evidence: dict[str, Any] = Field(
-        description="What the analysis measured: `arms` (per-arm version, calls, errors, "
-        "error_rate, p50/p95/p99_ms), `latency`, `error_rate`, `agreement`, `timeline`, "
+        description="What the analysis measured: `verdicts` (one per guardrail: `guardrail` "
+        "latency, errors or agreement; `status` pass, breach, insufficient_data or not_judged; "
+        "`text`; `effect` with `direction`, `estimate`, `ci` at `confidence`), `arms` "
+        "(per-arm version, calls, errors, error_rate, p50/p95/p99_ms), `latency`, "
+        "`error_rate`, `agreement`, `fidelity`, `tuning` (the run that produced the "
+        "challenger), `timeline` (p50/p95 per arm per `minute` since the start), `confidence`, "
         "`decision`, `reason`. Any key may be missing."
     )
     created_at: IsoTime
@@ -145,7 +149,12 @@ class ExperimentOut(BaseModel):
     ended_at: IsoTime | None
     started_by: str
     reason: str
-    analysis: dict[str, Any]
+    analysis: dict[str, Any] = Field(description="The latest analysis: the same keys as a "
+                                     "promotion's `evidence`")  # fmt: skip
+    dry_run: bool = Field(False, description="Watch only: verdicts recorded, never acted on")
+    on_inconclusive: str = Field(
+        "stop", description="At the maximum duration without a decision: stop or pause"
+    )
 
 
 class ExperimentList(BaseModel):

@@ -461,6 +461,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 min_samples=args.min_samples or settings.experiment_min_samples,
                 max_duration_s=int(args.max_duration.total_seconds()) if args.max_duration
                 else settings.experiment_max_duration_s,
+                dry_run=args.dry_run, on_inconclusive=args.on_inconclusive,
             )  # fmt: skip
         else:
             exp = experiments.stop(db, _int_id(args.target), by=args.by or "cli")
@@ -468,6 +469,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         print_json(exp.to_dict())
     else:
         mode = "shadow" if exp.shadow else f"{exp.share:.0%} of traffic"
+        if exp.dry_run:
+            mode += "; dry run: verdicts recorded, never acted on"
         print(f"experiment {exp.id} {exp.status}: {exp.model} champion {exp.champion_version} "
               f"vs challenger {exp.challenger_version} ({mode})")  # fmt: skip
     return 0
@@ -779,6 +782,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--min-samples", type=int, help="calls per arm before any decision")
     ex.add_argument("--max-duration", type=parse_duration, help="e.g. 24h")
     ex.add_argument("--by", help="who starts/stops it (audit log)")
+    ex.add_argument("--dry-run", action="store_true",
+                    help="watch only: the analysis records its verdicts but never rolls back "
+                         "or requests a promotion (start)")  # fmt: skip
+    ex.add_argument("--on-inconclusive", choices=["stop", "pause"], default="stop",
+                    help="at the maximum duration without a decision: stop the experiment "
+                         "(default) or pause it (challenger out of traffic, left open for a "
+                         "person) (start)")  # fmt: skip
     ex.set_defaults(func=cmd_experiment)
 
     exs = sub.add_parser("experiments", help="list experiments", parents=[common])

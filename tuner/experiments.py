@@ -17,7 +17,11 @@ from tuner.errors import Conflict, NotFound, TunerError
 from tuner.registry import verified_artifact
 
 LIVE = ("running", "promotion_pending")
-STATUSES = (*LIVE, "promoted", "rolled_back", "inconclusive", "stopped")
+# Paused: inconclusive at its maximum duration with on_inconclusive="pause"; out of traffic
+# (routing serves running and promotion_pending only) but not ended, for a person to stop.
+OPEN = (*LIVE, "paused")
+STATUSES = (*OPEN, "promoted", "rolled_back", "inconclusive", "stopped")
+ON_INCONCLUSIVE = ("stop", "pause")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ class ExperimentInfo:
     started_by: str
     reason: str
     analysis: dict[str, Any]
+    dry_run: bool = False
+    on_inconclusive: str = "stop"
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON form."""
@@ -48,6 +54,7 @@ class ExperimentInfo:
             "max_duration_s": self.max_duration_s, "started_at": self.started_at.isoformat(),
             "ended_at": self.ended_at.isoformat() if self.ended_at else None,
             "started_by": self.started_by, "reason": self.reason, "analysis": self.analysis,
+            "dry_run": self.dry_run, "on_inconclusive": self.on_inconclusive,
         }  # fmt: skip
 
 
@@ -57,23 +64,34 @@ def info(row: schema.Experiment) -> ExperimentInfo:
         row.id, row.model, row.champion_version, row.challenger_version, row.share, row.shadow,
         row.status, row.min_samples, row.max_duration_s, as_utc(row.started_at),
         as_utc(row.ended_at) if row.ended_at else None, row.started_by, row.reason,
-        dict(row.analysis),
+        dict(row.analysis), bool(row.dry_run), row.on_inconclusive,
     )  # fmt: skip
 
 
 def start(
     db: Database, model: str, candidate: str, *, share: float = 0.1, shadow: bool = False,
     by: str = "cli", min_samples: int = 200, max_duration_s: int = 86_400,
+    dry_run: bool = False, on_inconclusive: str = "stop",
 ) -> ExperimentInfo:  # fmt: skip
     """Start routing ``share`` of ``model``'s calls (or a shadow copy) to ``candidate``.
 
+    ``dry_run``: watch only; the analysis records its verdicts but never rolls back or
+    requests a promotion. ``on_inconclusive``: at the maximum duration without a decision,
+    ``stop`` ends the experiment, ``pause`` takes the challenger out of traffic and leaves
+    the experiment open for a person.
+
     Raises:
-        TunerError: bad share, or the candidate is the champion or was rejected.
+        TunerError: bad share or on_inconclusive, or the candidate is the champion or was
+            rejected.
         ArtifactError: the candidate's artifact fails its sha256 check.
         Conflict: the model already has a live experiment.
     """
     if not 0.0 <= share <= 1.0:
         raise TunerError(f"share={share!r} must be between 0 and 1 (e.g. 0.1 for 10 %)")
+    if on_inconclusive not in ON_INCONCLUSIVE:
+        raise TunerError(
+            f"on_inconclusive={on_inconclusive!r} is not one of {', '.join(ON_INCONCLUSIVE)}"
+        )
     if min_samples < 1 or max_duration_s < 1:
         raise TunerError(
             f"min_samples={min_samples} and max_duration_s={max_duration_s} must be >= 1"
@@ -92,11 +110,12 @@ def start(
                 model=model, champion_version=champ.version, challenger_version=candidate,
                 share=share, shadow=shadow, status="running", min_samples=min_samples,
                 max_duration_s=max_duration_s, started_at=now, started_by=by, reason="",
-                analysis={}, updated_at=now,
+                analysis={}, updated_at=now, dry_run=dry_run, on_inconclusive=on_inconclusive,
             )  # fmt: skip
             s.add(row)
             s.flush()
-            details = {"challenger": candidate, "share": share, "shadow": shadow}
+            details = {"challenger": candidate, "share": share, "shadow": shadow,
+                       "dry_run": dry_run, "on_inconclusive": on_inconclusive}  # fmt: skip
             audit.record(s, actor=by, action="experiment_started", entity="experiment",
                          entity_id=row.id, model=model, details=details)  # fmt: skip
             return info(row)
@@ -158,7 +177,7 @@ def end(
         values["analysis"] = analysis
     with db.session() as s:
         done = s.execute(
-            update(t).where(t.id == experiment_id, t.status.in_(LIVE)).values(**values)
+            update(t).where(t.id == experiment_id, t.status.in_(OPEN)).values(**values)
         )
         if done.rowcount != 1:  # type: ignore[attr-defined]
             row = s.get(schema.Experiment, experiment_id)
@@ -188,3 +207,24 @@ def set_status(db: Database, experiment_id: int, status: str, analysis: dict[str
     with db.session() as s:
         stmt = update(t).where(t.id == experiment_id, t.status == "running").values(**values)
         return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+def pause(db: Database, experiment_id: int, *, reason: str, analysis: dict[str, Any]) -> bool:
+    """Take a running experiment's challenger out of traffic without ending it (once).
+
+    Returns False when it was stopped or decided meanwhile.
+    """
+    t = schema.Experiment
+    with db.session() as s:
+        stmt = (
+            update(t)
+            .where(t.id == experiment_id, t.status == "running")
+            .values(status="paused", reason=reason, analysis=analysis, updated_at=utcnow())
+        )
+        if not s.execute(stmt).rowcount:  # type: ignore[attr-defined]
+            return False
+        row = s.get(schema.Experiment, experiment_id)
+        assert row is not None
+        audit.record(s, actor="analysis", action="experiment_paused", entity="experiment",
+                     entity_id=experiment_id, model=row.model, reason=reason)  # fmt: skip
+        return True
