@@ -104,6 +104,7 @@ def run_tuning(
     progress: Progress | None = None,
     retune_request_id: int | None = None,
     min_gain: float = MIN_GAIN,
+    serving_clients: int | None = None,
 ) -> TuningOutcome:
     """Rebuild ``model``'s fast variants from its source; register a winner that beats the champion.
 
@@ -140,7 +141,10 @@ def run_tuning(
     try:
         kwargs: dict[str, Any] = quick_options() if quick else {}
         tolerance = tolerance if tolerance is not None else registry.tolerance(db, model)
-        for name, value in (("space", space), ("tolerance", tolerance), ("measure", measure)):
+        # serving_clients: the winner's serving configuration is searched under that many
+        # concurrent callers and registered in its config (serving_defaults).
+        for name, value in (("space", space), ("tolerance", tolerance), ("measure", measure),
+                            ("serving_clients", serving_clients)):  # fmt: skip
             if value is not None:
                 kwargs[name] = value
         result = tune(
