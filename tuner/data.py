@@ -196,10 +196,11 @@ def _windows(
 def event_since(db: Database, event_id: int, lookback: timedelta = EVENT_LOOKBACK) -> datetime:
     """Where the rows that reflect an event start: its opening minus the detection window.
 
-    Drift events record their ``current_window`` and latency events their ``recent`` window
-    (the window's length is what counts: a later update moves the window, not the opening).
-    Any other event (a fidelity drop replays the champion's last rows, however old) starts
-    ``lookback`` before it opened; too few rows since then are topped up by the caller.
+    Drift events record their ``current_window``, latency events their ``recent`` window and
+    fidelity drops the ``window`` of the rows they replayed, the rows that failed (the
+    window's length is what counts: a later update moves the window, not the opening). Any
+    other event starts ``lookback`` before it opened; too few rows since then are topped up
+    by the caller.
 
     Raises:
         NotFound: no event has that id.
@@ -209,7 +210,7 @@ def event_since(db: Database, event_id: int, lookback: timedelta = EVENT_LOOKBAC
         if row is None:
             raise NotFound(f"event {event_id} does not exist: see `tunewatch events`")
         opened, details = as_utc(row.opened_at), dict(row.details or {})
-    for key in ("current_window", "recent"):
+    for key in ("current_window", "recent", "window"):
         bounds = details.get(key)
         if isinstance(bounds, list | tuple) and len(bounds) == 2 and all(bounds):
             try:
