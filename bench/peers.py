@@ -11,6 +11,7 @@ one thread and at all threads, against torch eager fp32:
   this CPU, run in a child process from ``bench/out/peers-site`` (Optimum needs transformers
   4.x; the project's venv keeps its own), else its configuration built with ONNX Runtime;
 - OpenVINO with NNCF post-training int8 (``model_type=TRANSFORMER``), when installed;
+- Olive ``auto-opt --precision int8``, offline, from ``bench/out/olive-site``;
 - ``torch.compile`` (inductor) of the fp32 module;
 - tunewatch's winner: ``tuner.tune`` from the exported fp32 graph, run as the tuner hands it
   over (its runtime options, and padding trimmed per batch when the model has a mask).
@@ -21,6 +22,11 @@ time, and every row stands beside the ceiling of the cores it used (bench/peak).
     .venv/bin/python bench/peers.py                 # full: about 15-25 min on 2 busy cores
     .venv/bin/python bench/peers.py --quick         # minutes: 2 rounds, a small tuning space
     .venv/bin/python -m pip install -e '.[peers]'   # OpenVINO + NNCF (optional)
+    # Optimum and Olive pin other transformers/optuna versions: install them beside the venv
+    .venv/bin/python -m pip install --no-deps --target bench/out/peers-site optimum==2.1.0 \
+        optimum-onnx==0.1.0 transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.2
+    .venv/bin/python -m pip install --no-deps --target bench/out/olive-site olive-ai==0.13.0 \
+        optuna==5.0.0 torchmetrics==1.9.0 lightning-utilities==0.15.3 colorlog==6.12.0
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ from tuner.onnx_tools import (
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "peers"
 PEERS_SITE = HERE / "out" / "peers-site"
+OLIVE_SITE = HERE / "out" / "olive-site"
 SEQ_LEN = 32
 BATCH = 32
 SLO_MS = 100.0
@@ -189,6 +196,28 @@ def quantize_optimum(base: Path, workdir: Path) -> tuple[Path, str]:
         )  # fmt: skip
     last = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
     return fallback, f"Optimum {isa} configuration built with ORT (Optimum failed: {last})"
+
+
+def quantize_olive(base: Path, workdir: Path) -> tuple[Path | None, str]:
+    """Run ``olive auto-opt --precision int8`` on the fp32 ONNX file, offline, in a child.
+
+    Olive runs from ``bench/out/olive-site`` (``pip install --no-deps --target``: its optuna and
+    torchmetrics stay out of the project's venv). Returns (None, why) when it cannot run.
+    """
+    src = workdir / "olive"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "model.onnx").write_bytes(base.read_bytes())
+    env = {**os.environ, "PYTHONPATH": str(OLIVE_SITE), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "olive", "auto-opt", "-m", "model.onnx", "-o", "out",
+               "--device", "cpu", "--provider", "CPUExecutionProvider", "--precision", "int8",
+               "--disable_telemetry"]  # fmt: skip
+    done = subprocess.run(command, cwd=src, env=env, capture_output=True, text=True,
+                          check=False, timeout=900)  # fmt: skip
+    out = src / "out" / "model.onnx"
+    if done.returncode == 0 and out.is_file():
+        return out, "olive auto-opt --device cpu --precision int8 (olive-ai 0.13.0)"
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
+    return None, f"Olive auto-opt did not run: {last}"
 
 
 def openvino_contender(base: Path, calib: Feeds) -> Contender | str:
@@ -511,6 +540,11 @@ def main() -> None:
                                     "onnx-neural-compressor downgrades numpy"))  # fmt: skip
     optimum, note = quantize_optimum(base, OUT)
     contenders.append(ort_contender("Optimum ORTQuantizer", optimum, "int8", note))
+    olive, note = quantize_olive(base, OUT)
+    if olive is not None:
+        contenders.append(ort_contender("Olive auto-opt int8", olive, "int8", note))
+    else:
+        print("skipped Olive:", note)
     if "openvino" not in skipped:
         ov = openvino_contender(base, calib)
         if isinstance(ov, Contender):
