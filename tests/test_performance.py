@@ -200,3 +200,35 @@ def test_labelled_production_rows_are_the_tuners_held_out_part(db_url: str, tmp_
     assert not result.passed and "accuracy_drop" in result.reason
     assert result.metrics["accuracy"] == pytest.approx(56 / 64)
     db.dispose()
+
+
+def test_a_tuning_run_guards_on_labelled_production_rows(sqlite_url: str, tmp_path: Path) -> None:
+    from sqlalchemy import select
+
+    from monitor import Monitor, schema
+    from tests.tuner_fixtures import export, load_digits_split, trained_mlp
+    from tuner import registry
+    from tuner.onnx_tools import describe_inputs
+    from tuner.tuning import run_tuning
+
+    digits = load_digits_split()
+    onnx = export(trained_mlp(digits), digits.x_calib[:4], tmp_path / "mlp.onnx")
+    settings = Settings(database_url=sqlite_url, artifacts_dir=str(tmp_path / "artifacts"))
+    db = Database(sqlite_url)
+    registry.register("digits", onnx, db=db, settings=settings)
+    name = describe_inputs(onnx)[0].name
+    ids = [f"req-{i}" for i in range(160)]
+    with Monitor(sqlite_url) as mon:  # predictions with ids, labels for half of them later
+        mon.log(name="digits", inputs={name: digits.x_holdout[:160]}, ids=ids)
+        report = mon.log_labels(name="digits", ids=ids[:80][::-1],
+                                labels=digits.y_holdout[:80][::-1].tolist())  # fmt: skip
+    assert report.matched == 80
+    outcome = run_tuning(db, settings, "digits", quick=True, slo_ms=1000.0, min_gain=100.0)
+    assert "held-out part: 80 labelled production rows" in outcome.data_source
+    guarded = [t for t in outcome.result.leaderboard if t.accuracy]
+    assert guarded and all("accuracy" in t.accuracy and "top1_agreement" in t.accuracy
+                           for t in guarded)  # fmt: skip
+    with db.session() as s:
+        run = s.scalars(select(schema.TuningRun)).one()
+        assert run.summary["labelled_holdout_rows"] == 80
+    db.dispose()

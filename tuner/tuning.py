@@ -356,7 +356,9 @@ def _finish(db: Database, settings: Settings, r: _Run, result: Any, workdir: Pat
         run.winner_version = winner_info.version if winner_info else None
         run.baseline_throughput, run.winner_throughput = base_tp, win_tp
         run.speedup, run.report_path, run.plot_path = speedup, str(report), str(plot)
+        labelled = len(r.data.labels) if r.data.labels is not None else 0
         run.summary = {"data": r.data.source, "data_windows": list(r.data.windows),
+                       "labelled_holdout_rows": labelled,
                        "elapsed_s": result.elapsed_s, "mode": result.mode,
                        "outcome": outcome, "reason": reason, "incumbent": incumbent,
                        "source_version": r.source.version,
