@@ -217,7 +217,9 @@ def event_since(db: Database, event_id: int, lookback: timedelta = EVENT_LOOKBAC
                 first, last = (as_utc(datetime.fromisoformat(str(b))) for b in bounds)
             except ValueError:
                 continue
-            return opened - max(last - first, timedelta(0))
+            since = opened - max(last - first, timedelta(0))
+            # A fidelity drop's rows are themselves the evidence: start no later than them.
+            return min(since, first) if key == "window" else since
     return opened - lookback
 
 
