@@ -180,7 +180,9 @@ def log_labels(
         latest[rid] = i  # the last label of an id in the batch wins
     duplicates = len(id_list) - len(latest)
     matched = 0
-    order = list(latest.items())
+    # In id order: each chunk then touches one narrow range of the id indexes (random order
+    # made a million labels on SQLite 2.4x slower per label than a hundred thousand).
+    order = sorted(latest.items())
     for start in range(0, len(order), CHUNK):
         chunk = order[start : start + CHUNK]
         chunk_ids = [rid for rid, _ in chunk]
