@@ -536,8 +536,49 @@ def _finding(
                    "critical" if severe else "warning", summary, details)  # fmt: skip
 
 
+def compare_arms(
+    db: Database, model: str, champion: tuple[str, str], challenger: tuple[str, str],
+    start: datetime, end: datetime, settings: Settings, task: str = "auto",
+) -> dict[str, Any]:  # fmt: skip
+    """Realized performance of an experiment's two arms (each ``(version, arm)``) on their
+    labelled predictions in ``[start, end)``: is the challenger significantly worse?
+
+    Returns ``{status, task, metric, champion: {...}, challenger: {...}, worse, reason, ...}``;
+    ``status`` is ``no_labels`` when neither arm has a label, ``insufficient_data`` when one
+    has fewer than ``performance_min_labels``.
+    """
+    groups, outputs = read_joined(db, model, start=start, end=end)
+    kind, _ = task_of_outputs(outputs, task)
+    by_arm = {(g.version, g.arm): g for g in groups}
+    champ, chall = by_arm.get(champion), by_arm.get(challenger)
+    arms = {
+        name: _arm_summary(model, g, start, end, kind)
+        for name, g in (("champion", champ), ("challenger", chall))
+    }
+    if not any(a["labelled"] for a in arms.values()):
+        return {"status": "no_labels", "task": kind, "worse": False, **arms,
+                "reason": "no labelled predictions in either arm"}  # fmt: skip
+    r = compare_performance(
+        kind, _pairs(champ), _pairs(chall), tolerance=settings.performance_tolerance,
+        alpha=settings.experiment_alpha, min_labels=settings.performance_min_labels,
+    )  # fmt: skip
+    reason = f"labels: challenger {r.reason}" if r.status == "ok" else f"labels: {r.reason}"
+    return {**r.to_dict(), "worse": r.dropped, **arms, "reason": reason}
+
+
+def _arm_summary(
+    model: str, g: Joined | None, start: datetime, end: datetime, task: str
+) -> dict[str, Any]:
+    if g is None:
+        return {"predictions": 0, "labelled": 0, "coverage": 0.0, "metrics": {}, "ci": {}}
+    w = window_performance(model, g, start, end, task)
+    return {"version": g.version, "arm": g.arm, "predictions": w.predictions,
+            "labelled": w.labelled, "coverage": w.coverage, "metrics": w.metrics,
+            "ci": w.ci}  # fmt: skip
+
+
 __all__ = [
-    "PerformanceComparison", "PerformanceDetector", "ProportionDrop", "proportion_drop",
-    "wilson_interval", "WindowPerformance", "classification_metrics",
-    "compare_performance", "read_joined", "realized_performance", "regression_metrics",
+    "PerformanceComparison", "PerformanceDetector", "ProportionDrop", "WindowPerformance",
+    "classification_metrics", "compare_arms", "compare_performance", "proportion_drop",
+    "read_joined", "realized_performance", "regression_metrics", "wilson_interval",
 ]  # fmt: skip

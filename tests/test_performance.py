@@ -232,3 +232,22 @@ def test_a_tuning_run_guards_on_labelled_production_rows(sqlite_url: str, tmp_pa
         run = s.scalars(select(schema.TuningRun)).one()
         assert run.summary["labelled_holdout_rows"] == 80
     db.dispose()
+
+
+def test_experiment_arms_compared_on_their_labels(db_url: str) -> None:
+    from monitor.performance import compare_arms
+
+    db = Database(db_url)
+    settings = Settings(database_url=db_url)
+    _traffic(db, "v1", "champion", 800, 0.92, 0, "champ")
+    _traffic(db, "v2", "challenger", 800, 0.78, 0, "chall")
+    end = T0 + timedelta(hours=1)
+    worse = compare_arms(db, "clf", ("v1", "champion"), ("v2", "challenger"), T0, end, settings)
+    assert worse["status"] == "ok" and worse["worse"] is True
+    assert worse["champion"]["labelled"] == 800 and worse["challenger"]["coverage"] == 1.0
+    assert worse["reason"].startswith("labels: challenger drop: accuracy 0.9")
+    same = compare_arms(db, "clf", ("v1", "champion"), ("v1", "champion"), T0, end, settings)
+    assert same["worse"] is False
+    none = compare_arms(db, "clf", ("v9", "champion"), ("v8", "challenger"), T0, end, settings)
+    assert (none["status"], none["worse"]) == ("no_labels", False)
+    db.dispose()
