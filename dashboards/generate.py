@@ -324,7 +324,8 @@ ORDER BY e.started_at DESC"""  # noqa: S608 (constants of this file only)
 # The same window as tuner.analysis.arm_stats: intervals that start at or after the
 # experiment's exact start (an interval that began earlier may hold calls from before it)
 # until it ended (or now), champion calls under the champion arm, the challenger's under the
-# challenger or shadow arm.
+# challenger or shadow arm. Quantiles as the analysis reads them (monitor.sketch.interpolated):
+# each bucket's calls spread evenly in log space across it, the ceil(q * n)-th call read.
 ARMS_SQL = f"""\
 WITH arms AS (
   SELECT e.id AS experiment, e.model, a.arm, a.version, a.calls, a.errors, a.buckets
@@ -350,16 +351,24 @@ merged AS (
   GROUP BY 1, 2, 3
 ),
 ranked AS (
-  SELECT experiment, arm, bucket,
-    sum(n) OVER (PARTITION BY experiment, arm ORDER BY bucket) AS running,
-    sum(n) OVER (PARTITION BY experiment, arm) AS total
+  SELECT experiment, arm, bucket, n::float8 AS n,
+    (sum(n) OVER (PARTITION BY experiment, arm ORDER BY bucket))::float8 AS running,
+    (sum(n) OVER (PARTITION BY experiment, arm))::float8 AS total
   FROM merged
+),
+picked AS (
+  SELECT DISTINCT ON (r.experiment, r.arm, q.q) r.experiment, r.arm, q.q,
+    power({GAMMA}, r.bucket - 1 + (ceil(q.q * r.total) - 0.5 - (r.running - r.n)) / r.n) AS ms
+  FROM ranked AS r
+  CROSS JOIN (VALUES (0.5::float8), (0.95::float8)) AS q(q)
+  WHERE r.running >= ceil(q.q * r.total)
+  ORDER BY r.experiment, r.arm, q.q, r.bucket
 ),
 quantiles AS (
   SELECT experiment, arm,
-    min(bucket) FILTER (WHERE running >= ceil(0.5::float8 * total::float8)) AS b50,
-    min(bucket) FILTER (WHERE running >= ceil(0.95::float8 * total::float8)) AS b95
-  FROM ranked
+    max(ms) FILTER (WHERE q = 0.5) AS p50,
+    max(ms) FILTER (WHERE q = 0.95) AS p95
+  FROM picked
   GROUP BY 1, 2
 )
 SELECT
@@ -369,8 +378,8 @@ SELECT
   t.version,
   t.calls,
   t.errors::float8 / nullif(t.calls, 0) AS "error rate",
-  2 * power({GAMMA}, q.b50) / ({GAMMA} + 1) AS "p50 (ms)",
-  2 * power({GAMMA}, q.b95) / ({GAMMA} + 1) AS "p95 (ms)"
+  q.p50 AS "p50 (ms)",
+  q.p95 AS "p95 (ms)"
 FROM totals AS t
 JOIN quantiles AS q USING (experiment, arm)
 ORDER BY t.experiment DESC, t.arm"""  # noqa: S608 (constants of this file only)
