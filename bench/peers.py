@@ -304,30 +304,39 @@ def serve_peer(path: Path) -> Call:
     return lambda feed: session.run(None, feed)
 
 
-def serve_tunewatch(result: TuneResult, workdir: Path) -> tuple[Call, Callable[[], None], dict]:
-    """The winner registered with the config tuning.py gives it, served by mon.deployment."""
+def registered_config(result: TuneResult) -> dict[str, Any]:
+    """The config tuning.py registers the winner with (its serving keys in place)."""
+    from tuner.tuning import serving_defaults
+
+    w = result.winner
+    assert w is not None
+    config = {**w.config, **serving_defaults(w, result.slo_ms)}
+    config.pop("serving", None)
+    return config
+
+
+def serve_tunewatch(
+    artifact: str, config: dict[str, Any], workdir: Path
+) -> tuple[Call, Callable[[], None], dict[str, Any]]:
+    """The winner registered with that config and served by ``mon.deployment``."""
     import shutil
 
     from monitor import Monitor
     from monitor.settings import Settings
     from monitor.storage import Database
     from tuner import registry
-    from tuner.tuning import serving_defaults
 
-    w = result.winner
-    assert w is not None and w.artifact is not None
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     url = f"sqlite:///{workdir / 'served.db'}"
-    config = {**w.config, **serving_defaults(w, result.slo_ms)}
-    config.pop("serving", None)
     settings = Settings(database_url=url, artifacts_dir=str(workdir / "artifacts"))
     db = Database(url)
-    registry.register("minilm", w.artifact, config=config, db=db, settings=settings)
+    registry.register("minilm", artifact, config=config, db=db, settings=settings)
     db.dispose()
     mon = Monitor(url)
     dep = mon.deployment("minilm", poll_s=60)
-    applied = {k: config.get(k) for k in ("runtime", "batch_size", "max_delay_ms", "batch_workers")}
+    keys = ("runtime", "batch_size", "max_delay_ms", "batch_workers", "trim_padding")
+    applied = {k: config.get(k) for k in keys}
 
     def close() -> None:
         dep.close()
@@ -369,15 +378,16 @@ def load_test(call: Call, rows: list[Feeds], clients: int, calls: int) -> dict[s
 
 
 def served(
-    peer: Contender, result: TuneResult, evaluation: Feeds, rounds: int, calls: int
-) -> list[str]:
+    peer: tuple[str, Path], winner: tuple[str, dict[str, Any]], evaluation: Feeds,
+    rounds: int, calls: int,
+) -> list[str]:  # fmt: skip
     """Interleave the best peer (docs way) and tunewatch's deployment under the same load."""
     from tuner.serving_search import natural_rows
 
-    assert peer.path is not None
+    peer_name, peer_path = peer
     rows = natural_rows(evaluation, "attention_mask")
-    peer_call = serve_peer(peer.path)
-    dep, close, applied = serve_tunewatch(result, OUT / "served")
+    peer_call = serve_peer(peer_path)
+    dep, close, applied = serve_tunewatch(*winner, OUT / "served")
     runs: dict[str, list[dict[str, float]]] = {"peer": [], "tunewatch": []}
     try:
         for call in (peer_call, dep):
@@ -402,7 +412,7 @@ def served(
         "|---|---|---|---|---|---|",
     ]
     names = {
-        "peer": f"{peer.name}: one ORT session, default options",
+        "peer": f"{peer_name}: one ORT session, default options",
         "tunewatch": "tunewatch: mon.deployment, tuned configuration",
     }
     for label, name in names.items():
@@ -520,7 +530,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip", default="", help="openvino,compile: contenders to skip")
     parser.add_argument("--no-served", action="store_true", help="model level only")
+    parser.add_argument(
+        "--served-only", action="store_true", help="only the served comparison, from peers.json"
+    )
     args = parser.parse_args()
+    if args.served_only:
+        served_again(args.quick)
+        return
     rounds = 2 if args.quick else args.rounds
     OUT.mkdir(parents=True, exist_ok=True)
     started_load = Path("/proc/loadavg").read_text().split()[0]
@@ -575,17 +591,42 @@ def main() -> None:
     for threads in sorted({1, cpu_count()}):
         lines += table(contenders, threads, reference, peak, macs) + [""]
     lines += [f"- {c.name}: {c.note}" for c in contenders if c.note]
+    peer = best_peer(contenders, reference)
+    assert peer.path is not None and result.winner is not None
+    saved = {
+        "peak": peak, "macs_per_item": macs, "winner": result.to_dict()["winner"],
+        "best_peer": [peer.name, str(peer.path)],
+        "served_winner": [result.winner.artifact, registered_config(result)],
+        "contenders": {c.name: {"note": c.note, "points": c.points} for c in contenders},
+    }  # fmt: skip
+    (OUT / "peers.json").write_text(json.dumps(saved, indent=2, default=str))
     if not args.no_served:
-        peer = best_peer(contenders, reference)
-        lines += ["", *served(peer, result, evaluation, 2 if args.quick else 3,
-                              4 if args.quick else 16)]  # fmt: skip
+        lines += [
+            "",
+            *served(
+                (peer.name, peer.path),
+                (result.winner.artifact, saved["served_winner"][1]),
+                evaluation,
+                2 if args.quick else 3,
+                4 if args.quick else 16,
+            ),
+        ]
     text = "\n".join(lines)
     print(text)
     (OUT / "peers.md").write_text(text + "\n")
-    (OUT / "peers.json").write_text(json.dumps({
-        "peak": peak, "macs_per_item": macs, "winner": result.to_dict()["winner"],
-        "contenders": {c.name: {"note": c.note, "points": c.points} for c in contenders},
-    }, indent=2, default=str))  # fmt: skip
+
+
+def served_again(quick: bool) -> None:
+    """Re-run only the served comparison from the last full run's peers.json."""
+    saved = json.loads((OUT / "peers.json").read_text())
+    _, _, _, evaluation = load_minilm()
+    name, path = saved["best_peer"]
+    artifact, config = saved["served_winner"]
+    lines = served((name, Path(path)), (artifact, config), evaluation, 2 if quick else 3,
+                   4 if quick else 16)  # fmt: skip
+    text = "\n".join(lines)
+    print(text)
+    (OUT / "served.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
