@@ -271,7 +271,15 @@ def _times(timestamps: Any, n: int) -> list[datetime | None]:
 
 
 def _existing(session: Any, table: Any, model: str, ids: list[str]) -> set[str]:
-    stmt = select(table.request_id).where(table.model == model, table.request_id.in_(ids))
+    if session.get_bind().dialect.name == "postgresql":
+        # One array parameter: a 5,000-value IN list costs PostgreSQL more to plan than to run.
+        from sqlalchemy import String, any_, bindparam
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        match = table.request_id == any_(bindparam("ids", ids, type_=ARRAY(String)))
+    else:
+        match = table.request_id.in_(ids)
+    stmt = select(table.request_id).where(table.model == model, match)
     return set(session.scalars(stmt.distinct()))
 
 
@@ -279,12 +287,14 @@ def _upsert(dialect: str) -> Any:
     from sqlalchemy.dialects import postgresql, sqlite
 
     ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    t = schema.Label
+    # The Core table, not the ORM class: executemany then sends multi-row VALUES batches
+    # instead of one statement per label.
+    t: Any = schema.Label.__table__
     stmt = ins(t)
     return stmt.on_conflict_do_update(
         index_elements=["model", "request_id"],
         set_={"value": stmt.excluded.value, "ts": stmt.excluded.ts,
-              "received_at": stmt.excluded.received_at, "updates": t.updates + 1},
+              "received_at": stmt.excluded.received_at, "updates": t.c.updates + 1},
     )  # fmt: skip
 
 
