@@ -80,7 +80,8 @@ def test_faster_challenger_is_promoted_after_approval_and_serving_switches(
         assert (latency["status"], latency["effect"]["direction"]) == ("pass", "faster")
         assert latency["text"].startswith("challenger faster: median x")
         lo, hi = latency["effect"]["ci"]
-        assert lo < latency["effect"]["estimate"] < hi < 1 / 1.1
+        assert 1.1 < lo < latency["effect"]["estimate"] < hi  # the factor the text shows
+        assert f"median x{latency['effect']['estimate']:.2f}" in latency["text"]
         assert errors["status"] == "pass" and errors["text"].startswith(
             "no significant difference: 0 of "
         )

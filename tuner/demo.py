@@ -440,7 +440,9 @@ def speedups(s: dict[str, Any]) -> dict[str, Any]:
     latency = next((v for v in (s.get("evidence") or {}).get("verdicts", [])
                     if v["guardrail"] == "latency"), None)  # fmt: skip
     effect = (latency or {}).get("effect") or {}
-    live = 1.0 / effect["estimate"] if effect.get("estimate") else None
+    live = effect.get("estimate")  # the speed-up when faster, else challenger / champion
+    if live is not None and effect.get("direction") != "faster":
+        live = 1.0 / live
     agree = None
     if offline is not None and live is not None and effect.get("direction") != "no_difference":
         agree = (offline > 1.0) == (live > 1.0)
