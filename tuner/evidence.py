@@ -10,7 +10,6 @@ interval at the analysis's one confidence level (``1 - experiment_alpha``, 95 % 
 from __future__ import annotations
 
 import io
-import math
 from typing import Any
 
 from sqlalchemy import select
@@ -102,8 +101,10 @@ def _shadow_verdict(
         return verdict("agreement", "insufficient_data",
                        f"insufficient data: {compared:,} of {min_samples:,} shadow "
                        "comparisons")  # fmt: skip
+    from monitor.performance import wilson_interval
+
     rate = agreed / compared
-    lo, hi = wilson(agreed, compared, confidence)
+    lo, hi = wilson_interval(agreed, compared, 1.0 - confidence)
     ok = rate >= min_rate
     head = "challenger agrees with the champion" if ok else "challenger disagrees"
     text = (f"{head}: {agreed:,} of {compared:,} shadow calls ({_pct(rate)} "
@@ -112,21 +113,6 @@ def _shadow_verdict(
     return verdict("agreement", "pass" if ok else "breach", text,
                    direction="agrees" if ok else "disagrees", measure="shadow agreement rate",
                    estimate=rate, ci=[lo, hi], confidence=confidence)  # fmt: skip
-
-
-def wilson(k: int, n: int, confidence: float) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``k / n``.
-
-    >>> [round(x, 3) for x in wilson(299, 300, 0.95)]
-    [0.981, 0.999]
-    """
-    from statistics import NormalDist
-
-    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
-    p, z2 = k / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def lines(evidence: dict[str, Any]) -> list[str]:
