@@ -30,7 +30,7 @@ from monitor.settings import Settings
 from monitor.stats import mann_whitney_hl
 from monitor.storage import Database, as_utc, utcnow
 
-log = logging.getLogger("tunewatch.performance")
+log = logging.getLogger("tunewatch.detect.performance")  # `detect` lists its skips
 N_BOOTSTRAP = 200
 Z95 = 1.959963984540054
 

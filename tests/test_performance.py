@@ -251,3 +251,26 @@ def test_experiment_arms_compared_on_their_labels(db_url: str) -> None:
     none = compare_arms(db, "clf", ("v9", "champion"), ("v8", "challenger"), T0, end, settings)
     assert (none["status"], none["worse"]) == ("no_labels", False)
     db.dispose()
+
+
+def test_detect_cli_and_the_scheduled_job_run_the_performance_detector(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tuner import jobs
+
+    db = Database(sqlite_url)
+    recent = (utcnow() - T0).total_seconds() - 1200  # 1,000 calls ending 3 minutes ago
+    _traffic(db, "v1", "main", 1000, 0.95, recent - 86_400 / 2, "old")
+    _traffic(db, "v1", "main", 1000, 0.70, recent, "new")
+    settings = Settings(database_url=sqlite_url)
+    jobs.configure(settings, db)
+    result = jobs.performance_detection()
+    assert [(e["kind"], e["action"]) for e in result["events"]] == [("performance_drop", "opened")]
+    _traffic(db, "v2", "main", 20, 0.7, recent, "few")  # too few labels: a listed skip
+    db.dispose()
+    assert main(["detect", "--verbose", "--database-url", sqlite_url]) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "tested performance_drop: clf:v1 [main] realized performance dropped" in text
+    assert "skipped performance clf:v2[main]: insufficient data" in text
+    assert "tested 1 conditions (1 flagged), skipped 1 for too little data" in out.out
