@@ -562,7 +562,13 @@ def compare_arms(
         kind, _pairs(champ), _pairs(chall), tolerance=settings.performance_tolerance,
         alpha=settings.experiment_alpha, min_labels=settings.performance_min_labels,
     )  # fmt: skip
-    reason = f"labels: challenger {r.reason}" if r.status == "ok" else f"labels: {r.reason}"
+    if r.status != "ok":
+        reason = r.reason
+    elif r.dropped:
+        reason = f"challenger worse on labels: {r.reason}"
+    else:
+        reason = (f"challenger not worse on labels: {r.metric} {r.reference_value:.4g} -> "
+                  f"{r.recent_value:.4g} ({r.reason})")  # fmt: skip
     return {**r.to_dict(), "worse": r.dropped, **arms, "reason": reason}
 
 

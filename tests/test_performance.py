@@ -245,7 +245,7 @@ def test_experiment_arms_compared_on_their_labels(db_url: str) -> None:
     worse = compare_arms(db, "clf", ("v1", "champion"), ("v2", "challenger"), T0, end, settings)
     assert worse["status"] == "ok" and worse["worse"] is True
     assert worse["champion"]["labelled"] == 800 and worse["challenger"]["coverage"] == 1.0
-    assert worse["reason"].startswith("labels: challenger drop: accuracy 0.9")
+    assert worse["reason"].startswith("challenger worse on labels: drop: accuracy 0.9")
     same = compare_arms(db, "clf", ("v1", "champion"), ("v1", "champion"), T0, end, settings)
     assert same["worse"] is False
     none = compare_arms(db, "clf", ("v9", "champion"), ("v8", "challenger"), T0, end, settings)
@@ -274,3 +274,38 @@ def test_detect_cli_and_the_scheduled_job_run_the_performance_detector(
     assert "tested performance_drop: clf:v1 [main] realized performance dropped" in text
     assert "skipped performance clf:v2[main]: insufficient data" in text
     assert "tested 1 conditions (1 flagged), skipped 1 for too little data" in out.out
+
+
+@pytest.mark.parametrize(
+    ("challenger_accuracy", "decision"), [(0.75, "rollback"), (0.92, "promote")]
+)
+def test_an_experiment_is_judged_on_its_arms_labels(
+    sqlite_url: str, tmp_path: Path, challenger_accuracy: float, decision: str
+) -> None:
+    from tests.test_web import _store_minutes, _tuned_candidate
+    from tuner import experiments, promotions
+    from tuner.analysis import run_analysis
+
+    settings = Settings(database_url=sqlite_url, artifacts_dir=str(tmp_path / "artifacts"))
+    db = Database(sqlite_url)
+    _tuned_candidate(db, settings, tmp_path)
+    exp = experiments.start(db, "clf", "v2", share=0.5, min_samples=200)
+    first = exp.started_at + timedelta(seconds=1)
+    _store_minutes(db, "v1", "champion", first, [(240, 0, 3.1)] * 5)  # the challenger is
+    _store_minutes(db, "v2", "challenger", first, [(236, 0, 2.3)] * 5)  # faster: x1.3
+    offset = (first - T0).total_seconds()
+    _traffic(db, "v1", "champion", 600, 0.92, offset, "ch")
+    _traffic(db, "v2", "challenger", 600, challenger_accuracy, offset, "cl")
+    (verdict,) = run_analysis(db, settings, now=exp.started_at + timedelta(minutes=15))
+    assert verdict.decision == decision, verdict.reason
+    labels = {v["guardrail"]: v for v in verdict.evidence["verdicts"]}["labels"]
+    assert labels["effect"]["labelled"] == [600, 600]
+    if decision == "rollback":
+        assert labels["status"] == "breach"
+        assert verdict.reason.startswith("guardrail: challenger worse on labels: drop: accuracy")
+    else:  # the approval page shows the pending promotion's evidence, labels included
+        assert labels["status"] == "pass"
+        (pending,) = promotions.list_promotions(db, model="clf")
+        shown = [v["guardrail"] for v in pending.evidence["verdicts"]]
+        assert shown == ["latency", "errors", "agreement", "labels"]
+    db.dispose()

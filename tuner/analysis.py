@@ -116,8 +116,10 @@ def analyze(
         "window": [exp.started_at.isoformat(), now.isoformat()],
         "tuning": tuning_evidence(db, exp.model, exp.challenger_version),
     }  # fmt: skip
+    evidence["labels"] = _labels(db, settings, exp, now)
     evidence["verdicts"] = verdicts(evidence, settings, exp.min_samples)
-    decision, reason = _decide(exp, settings, latency, errors, agreement, fid, champ, chall, now)
+    decision, reason = _decide(exp, settings, latency, errors, agreement, fid, champ, chall, now,
+                               labels=evidence["labels"])  # fmt: skip
     evidence.update(decision=decision, reason=reason)
     return Verdict(exp.id, decision, reason, evidence, replays=replays)
 
@@ -129,13 +131,42 @@ def verdicts(
     from tuner import evidence as ev
 
     confidence = 1.0 - settings.experiment_alpha
-    return [
+    out = [
         ev.latency_verdict(evidence["latency"]),
         ev.errors_verdict(evidence["error_rate"], min_samples, confidence),
         ev.agreement_verdict(evidence["agreement"], evidence["fidelity"],
                              min_samples=min_samples, confidence=confidence,
                              min_rate=settings.experiment_min_agreement),
     ]  # fmt: skip
+    labels = evidence.get("labels") or {}
+    if labels.get("status") in ("ok", "insufficient_data"):  # shown once labels exist
+        out.append(labels_verdict(labels))
+    return out
+
+
+def labels_verdict(labels: dict[str, Any]) -> dict[str, Any]:
+    """Realized performance on each arm's labelled predictions (``performance.compare_arms``)."""
+    from tuner import evidence as ev
+
+    if labels["status"] != "ok":
+        return ev.verdict("labels", "insufficient_data", labels["reason"])
+    lo, hi = labels["ci"]
+    return ev.verdict(
+        "labels", "breach" if labels["worse"] else "pass", labels["reason"],
+        measure=f"{labels['metric']} champion -> challenger", estimate=labels["change"],
+        ci=[lo, hi], champion=labels["reference_value"], challenger=labels["recent_value"],
+        labelled=[labels["n_reference"], labels["n_recent"]], p_value=labels["p_value"],
+    )  # fmt: skip
+
+
+def _labels(db: Database, settings: Settings, exp: ExperimentInfo, now: datetime) -> dict[str, Any]:
+    """Both arms' realized performance on their labelled predictions since the start."""
+    from monitor.performance import compare_arms
+
+    return compare_arms(
+        db, exp.model, (exp.champion_version, "champion"),
+        (exp.challenger_version, challenger_arm(exp)), exp.started_at, now, settings,
+    )  # fmt: skip
 
 
 def guardrails(
@@ -165,7 +196,7 @@ def guardrails(
 def _decide(
     exp: ExperimentInfo, settings: Settings, latency: Any, errors: Any,
     agreement: dict[str, Any], fid: dict[str, Any], champ: dict[str, Any],
-    chall: dict[str, Any], now: datetime,
+    chall: dict[str, Any], now: datetime, labels: dict[str, Any] | None = None,
 ) -> tuple[str, str]:  # fmt: skip
     if latency.regressed:
         return "rollback", f"guardrail: {latency.reason}"
@@ -173,6 +204,8 @@ def _decide(
         return "rollback", f"guardrail: challenger error rate is higher ({errors.reason})"
     if fid["verdict"] == "worse":
         return "rollback", f"guardrail: {fid['reason']}"
+    if labels and labels.get("worse"):  # ground truth says the challenger is worse
+        return "rollback", f"guardrail: {labels['reason']}"
     restores = fid["verdict"] == "restores"  # then disagreeing with the champion is the point
     rate = agreement.get("rate")
     if (
