@@ -16,6 +16,9 @@ PG_ADMIN_URL = os.environ.get(
     "TUNEWATCH_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Apps that gunicorn imports in a child process: importing them here (doctest collection)
+# would open a deployment of a model that does not exist, in a tunewatch.db in the cwd.
+collect_ignore = ["prefork_app.py"]
 
 
 def _pg_available() -> str | None:
