@@ -232,6 +232,22 @@ WHERE $__timeFilter(f.ts)
   AND f.version IN ($version)
 ORDER BY f.model, f.arm, f.ts DESC, f.id DESC"""
 
+# Labels joined to sampled predictions by (model, request_id): see monitor/labels.py. Only
+# metadata columns of samples: the Grafana role never reads sampled inputs or outputs.
+LABEL_COVERAGE_SQL = """\
+SELECT
+  $__timeGroupAlias(s.ts, $__interval),
+  concat(s.model, ':', s.version, ' [', s.arm, ']') AS metric,
+  count(l.value)::float8 / count(s.id) AS coverage
+FROM samples AS s
+LEFT JOIN labels AS l ON l.model = s.model AND l.request_id = s.request_id
+WHERE $__timeFilter(s.ts)
+  AND s.model IN ($model)
+  AND s.version IN ($version)
+  AND s.arm <> 'reference'
+GROUP BY 1, 2
+ORDER BY 1, 2"""
+
 TUNING_RUNS_SQL = """\
 SELECT
   t.started_at AS started,
@@ -765,16 +781,32 @@ def drift() -> dict[str, Any]:
             LATEST_FIDELITY_SQL,
             "The newest check of each model and arm, with the guard's verdict.",
         ),
+        timeseries(
+            "Label coverage",
+            LABEL_COVERAGE_SQL,
+            "percentunit",
+            "Share of the stored (sampled) predictions that have a label, by prediction "
+            "time. Labels arrive later (mon.log_labels, tunewatch labels import), so recent "
+            "groups fill in over time; missing (NaN) labels do not count. Realized accuracy, "
+            "macro F1, log loss or MAE/RMSE/MAPE with intervals: tunewatch performance NAME; "
+            "a significant drop beyond performance_tolerance opens a performance_drop event "
+            "(the annotations).",
+            w=24,
+        ),
     ]
     return dashboard(
         "tunewatch-drift",
         "tunewatch / Drift",
-        "Data and prediction drift of production inputs and outputs, and fidelity to the source.",
+        "Data and prediction drift of production inputs and outputs, fidelity to the source, "
+        "and realized performance on labels.",
         panels,
         [MODEL_VAR, VERSION_VAR],
         [
             annotation("Drift events", events_annotation_sql(drift_kinds), "orange"),
             annotation("Fidelity events", events_annotation_sql(("fidelity_drop",)), "red"),
+            annotation(
+                "Performance events", events_annotation_sql(("performance_drop",)), "purple"
+            ),
         ],
     )
 

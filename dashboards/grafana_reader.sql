@@ -56,10 +56,11 @@ GRANT CONNECT ON DATABASE :"DBNAME" TO :"grafana_role";
 GRANT USAGE ON SCHEMA :"schema" TO :"grafana_role";
 GRANT SELECT ON ALL TABLES IN SCHEMA :"schema" TO :"grafana_role";
 
--- samples holds sampled production inputs and outputs: the dashboards only count rows.
+-- samples holds sampled production inputs and outputs: the dashboards only count rows (and
+-- join labels by request_id for the label coverage).
 -- (Revoking the table privilege also drops column privileges, so re-runs start clean.)
 REVOKE SELECT ON TABLE :"schema".samples FROM :"grafana_role";
-GRANT SELECT (id, model, version, arm, ts, source, input_kind)
+GRANT SELECT (id, model, version, arm, ts, source, input_kind, request_id)
   ON TABLE :"schema".samples TO :"grafana_role";
 
 -- Tables created later by this role (migrations) are readable without re-running the script.

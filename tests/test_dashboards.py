@@ -349,6 +349,7 @@ def seeded_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
         db = storage.Database(url)
         try:  # the demo's experiment replayed both arms; the champion gets its own check too
             summary["fidelity"] = [c.to_dict() for c in run_fidelity(db, settings)]
+            summary["labels"] = _seed_labels(db)
         finally:
             db.dispose()
         yield Seeded(url, name, summary)
@@ -356,6 +357,28 @@ def seeded_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
         with admin.begin() as conn:
             conn.execute(DropSchema(name, cascade=True))
         admin.dispose()
+
+
+def _seed_labels(db: storage.Database) -> dict[str, int]:
+    """Ids on half of the demo's class-score samples and their labels (every tenth one wrong),
+    as a team that logs ground truth later would have them."""
+    from sqlalchemy import select, update
+
+    from monitor import schema
+    from monitor.labels import log_labels
+
+    t = schema.Sample
+    with db.session() as s:
+        rows = s.execute(select(t.id, t.model, t.outputs).where(t.outputs.is_not(None))).all()
+        picked = [(i, m, o["top_class"]) for i, m, o in rows if o and "top_class" in o][::2]
+        s.execute(update(t), [{"id": i, "request_id": f"seed-{i}"} for i, _, _ in picked])
+    labelled: dict[str, int] = {}
+    for model in sorted({m for _, m, _ in picked}):
+        mine = [(i, c) for i, m, c in picked if m == model]
+        labels = [c if k % 10 else (c + 1) % 10 for k, (_, c) in enumerate(mine)]
+        log_labels(db, model, [f"seed-{i}" for i, _ in mine], labels)
+        labelled[model] = len(mine)
+    return labelled
 
 
 @pytest.fixture(scope="module")
@@ -381,6 +404,7 @@ DATA_PROBES = {
     "Latency events": "SELECT 1 FROM events WHERE kind = 'latency_regression'",
     "Rollbacks": "SELECT 1 FROM events WHERE kind IN ('experiment_rollback', 'promotion_rollback')",
     "Fidelity events": "SELECT 1 FROM events WHERE kind = 'fidelity_drop'",
+    "Performance events": "SELECT 1 FROM events WHERE kind = 'performance_drop'",
 }
 
 
