@@ -179,13 +179,9 @@ class Deployment:
         state = self._state  # one read: a concurrent swap never mixes generations
         if state.pid != _PID[0]:
             state = self._adopt()
-        r = state.routing
-        if state.challenger is not None and not r.shadow:
-            u = unit_interval(key) if key is not None else random()
-            if u < r.share:
-                return state.challenger.call(feed)
-        result = state.champion.call(feed)
-        if state.shadow is not None:
+        arm = _route(state, key)
+        result = arm.call(feed)
+        if arm is state.champion and state.shadow is not None:
             self._offer_shadow(state, feed, result)
         return result
 
@@ -208,15 +204,11 @@ class Deployment:
 
     async def _aserve(self, feed: Any, key: str | bytes | int | None) -> Any:
         state = self._state
-        if state.pid != _PID[0]:
-            state = self._adopt()
-        r = state.routing
-        if state.challenger is not None and not r.shadow:
-            u = unit_interval(key) if key is not None else random()
-            if u < r.share:
-                return await state.challenger.acall(feed)
-        result = await state.champion.acall(feed)
-        if state.shadow is not None:
+        if state.pid != _PID[0]:  # building sessions must not block the event loop
+            state = await asyncio.get_running_loop().run_in_executor(None, self._adopt)
+        arm = _route(state, key)
+        result = await arm.acall(feed)
+        if arm is state.champion and state.shadow is not None:
             self._offer_shadow(state, feed, result)
         return result
 
@@ -299,9 +291,8 @@ class Deployment:
             async def acall(feed: Any) -> Any:
                 # ORT releases the GIL: the loop serves other requests meanwhile. An executor
                 # thread does not see this task's context: a request id travels with a copy.
+                # The caller's OpenTelemetry span lives in the context too: always copy it.
                 loop = asyncio.get_running_loop()
-                if REQUEST.get() is None:
-                    return await loop.run_in_executor(None, call, feed)
                 return await loop.run_in_executor(None, contextvars.copy_context().run, call, feed)
 
             return _Arm(call, acall)
@@ -387,6 +378,16 @@ _LIVE: weakref.WeakSet[Deployment] = weakref.WeakSet()
 # states a child inherited stay here for the life of the process, this list included.
 _INHERITED: list[_State] = []
 ctypes.pythonapi.Py_IncRef(ctypes.py_object(_INHERITED))  # never released, even at exit
+
+
+def _route(state: _State, key: str | bytes | int | None) -> _Arm:
+    """The arm one call goes to: the challenger for its share of keys (or of random draws)."""
+    r = state.routing
+    if state.challenger is not None and not r.shadow:
+        u = unit_interval(key) if key is not None else random()
+        if u < r.share:
+            return state.challenger
+    return state.champion
 
 
 def _set_request(request_id: Any) -> contextvars.Token[RequestContext | None]:

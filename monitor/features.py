@@ -53,6 +53,9 @@ def named_inputs(args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, An
     return named
 
 
+_WHOLE = 1 << 62  # as many rows as an array has
+
+
 def snapshot(value: Any, max_rows: int) -> Any:
     """A private copy of the first ``max_rows`` rows of a sampled value (runs on the call path).
 
@@ -66,8 +69,10 @@ def snapshot(value: Any, max_rows: int) -> Any:
     if isinstance(value, Mapping):
         return {k: snapshot(v, max_rows) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        if value and hasattr(value[0], "shape"):  # several arrays: each one's rows
-            return [snapshot(v, max_rows) for v in value]
+        if value and hasattr(value[0], "shape"):
+            # A list of row arrays (a batch) or of outputs (ORT's run): each array is kept
+            # whole, since its rows are not the call's rows; only the list is capped.
+            return [snapshot(v, _WHOLE) for v in value[:max_rows]]
         # Strings and numbers are immutable; nothing else in a list is ever stored.
         return list(value[:max_rows])
     if hasattr(value, "clone") and hasattr(value, "detach"):  # torch.Tensor

@@ -77,14 +77,19 @@ def request_context(
 
 
 def row_ids(request_id: str | tuple[str, ...] | None, n: int) -> list[str | None]:
-    """The id of each of ``n`` rows of one call (see :func:`request_context`)."""
+    """The id of each of ``n`` rows of one call (see :func:`request_context`).
+
+    >>> row_ids("a" * 200, 2)[1][-3:], max(len(i) for i in row_ids("a" * 200, 12))
+    ('a/1', 200)
+    """
     if request_id is None:
         return [None] * n
     if isinstance(request_id, tuple):
         return [request_id[i] if i < len(request_id) else None for i in range(n)]
     if n == 1:
         return [request_id]
-    return [f"{request_id}/{i}" for i in range(n)]
+    # The suffix must fit the column too: an over-long id failed the whole write on PostgreSQL.
+    return [f"{request_id[: MAX_ID_CHARS - len(f'/{i}')]}/{i}" for i in range(n)]
 
 
 def _id_text(value: Any, row: int) -> str:

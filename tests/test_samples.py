@@ -205,3 +205,14 @@ def test_a_new_process_trims_what_earlier_ones_left_over_budget(sqlite_url: str)
     db.dispose()
     assert cleared >= 20 and kept <= 40_000
     assert newest.raw is not None and newest.raw["arg0"][0] == 30
+
+
+def test_a_list_of_row_arrays_is_copied_whole_and_only_the_list_is_capped() -> None:
+    from monitor.features import snapshot
+
+    rows = [np.arange(784, dtype=np.float32) + i for i in range(5)]
+    kept = snapshot(rows, max_rows=3)  # e.g. sample_cap_per_minute below the row's width
+    assert len(kept) == 3
+    assert [k.shape for k in kept] == [(784,)] * 3
+    rows[0][:] = -999.0  # the caller reuses its buffers
+    np.testing.assert_array_equal(kept[0], np.arange(784, dtype=np.float32))
