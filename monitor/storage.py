@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -41,6 +43,31 @@ def as_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
 
+def json_dumps(value: Any) -> str:
+    """JSON for the database: NaN and infinities become null.
+
+    Python writes them as the bare tokens ``NaN`` and ``Infinity``, which are not JSON:
+    PostgreSQL refused a whole telemetry batch for one NaN feature of one sampled row.
+
+    >>> json_dumps({"mean": float("nan"), "max": [1.0, float("inf")]})
+    '{"mean": null, "max": [1.0, null]}'
+    """
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def create_db_engine(url: str) -> Engine:
     """Create an engine for ``url``; SQLite gets WAL mode and a busy timeout.
 
@@ -51,7 +78,7 @@ def create_db_engine(url: str) -> Engine:
         parsed = make_url(url)
         if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        kwargs: dict[str, Any] = {"pool_pre_ping": True, "json_serializer": json_dumps}
         if parsed.get_backend_name() == "postgresql":
             kwargs["connect_args"] = {"connect_timeout": 3}
         elif parsed.get_backend_name() == "sqlite":

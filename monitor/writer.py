@@ -410,6 +410,8 @@ class Writer:
                 self._schema_ok = True
             self._write()
         except (StorageError, MonitorError) as exc:
+            if _rejected(exc) and (self._samples or self._spans):
+                self._drop_rejected(exc)
             self._failed(exc)
             return False
         except Exception as exc:  # a driver error outside SQLAlchemy's hierarchy
@@ -420,6 +422,18 @@ class Writer:
             log.warning("tunewatch: database is reachable again; pending records written")
             self._last_error = ""
         return True
+
+    def _drop_rejected(self, exc: Exception) -> None:
+        """The database refused the rows themselves: retrying them would stop all telemetry.
+
+        Pending samples and spans are dropped and counted (``write_rejected``); aggregates and
+        counters, plain numbers, are written again on the next flush.
+        """
+        n = len(self._samples) + len(self._spans)
+        self._samples, self._spans = [], []
+        self.count(DROP_PREFIX + "write_rejected", n)
+        log.error("tunewatch: the database refused %d sampled rows and spans, dropped them: %s",
+                  n, str(exc).splitlines()[0][:300])  # fmt: skip
 
     def _failed(self, exc: Exception) -> None:
         cap = self.settings.retry_max_backoff_s
@@ -566,6 +580,13 @@ def _insert(dialect: str, table: Any) -> Any:
     if dialect == "sqlite":
         return sqlite.insert(table)
     raise StorageError(f"database dialect {dialect!r} is not supported: use SQLite or PostgreSQL")
+
+
+def _rejected(exc: Exception) -> bool:
+    """Did the database refuse the data (a bad value or constraint), not fail to answer?"""
+    from sqlalchemy.exc import DataError, IntegrityError
+
+    return isinstance(exc.__cause__, (DataError, IntegrityError))
 
 
 def _upsert_aggregate(

@@ -11,6 +11,7 @@ import time
 from datetime import timedelta
 
 import numpy as np
+import pandas as pd
 from sqlalchemy.engine import make_url
 
 from monitor import Monitor, storage
@@ -212,3 +213,34 @@ def test_the_writer_converts_samples_within_its_budget_per_loop(sqlite_url: str)
     db = Database(sqlite_url)
     assert count_samples(db, "budget") == 60
     db.dispose()
+
+
+def test_nan_features_are_stored_as_null_and_telemetry_keeps_flowing(db_url: str) -> None:
+    with Monitor(db_url, sample_rate=1.0) as mon:
+        f = mon.wrap(lambda x: x * 2, name="nan")
+        f(np.array([[np.nan, 1.0], [np.inf, 2.0]]))  # PostgreSQL's JSON has no NaN
+        assert mon.flush()
+        f(np.ones((1, 2)))
+        assert mon.flush()
+        rows = storage.read_samples(mon.db, "nan")
+    assert len(rows) == 3
+    assert rows[0].features["x0"] is None and rows[0].features["x1"] == 1.0
+
+
+def test_rows_the_database_refuses_are_dropped_and_counted_not_retried(pg_url: str) -> None:
+    # PostgreSQL's JSON cannot hold a NUL character: the write of that batch is refused.
+    engine = storage.create_db_engine(pg_url)
+    storage.upgrade(engine)
+    engine.dispose()
+    with Monitor(pg_url, sample_rate=1.0, retry_max_backoff_s=0.05) as mon:
+        f = mon.wrap(lambda x: 1.0, name="nul")
+        f(pd.DataFrame({"text": ["a\x00b"]}))
+        assert mon.flush()  # the refused row is dropped, not retried; the rest is written
+        for _ in range(3):
+            f(pd.DataFrame({"text": ["fine"]}))
+        assert mon.flush()  # later calls are written
+        rows = storage.read_samples(mon.db, "nul")
+        status = summarize(mon.db, model="nul")
+    assert [r.features["text"] for r in rows] == ["fine"] * 3
+    assert status.drops_by_reason == {"write_rejected": 1}
+    assert sum(m.calls for m in status.models) == 4  # every call's latency is kept
