@@ -53,3 +53,25 @@ def test_tolerance_from_dict_keeps_defaults_and_refuses_non_numbers() -> None:
     assert t.min_mean_cosine == Tolerance().min_mean_cosine
     with pytest.raises(TunerError, match="True"):
         Tolerance.from_dict({"min_top1_agreement": True})
+
+
+def test_the_experiment_judges_fidelity_with_the_model_tolerance() -> None:
+    import numpy as np
+
+    from monitor.settings import Settings
+    from tuner import fidelity
+    from tuner.analysis import _judge_fidelity
+
+    def rep(scores: list[float]) -> fidelity.Replay:
+        arr = np.asarray(scores)
+        return fidelity.Replay("m", "v", "s", "a", len(arr), "classification",
+                               {"top1_agreement": float(arr.mean())}, True, "ok", "",
+                               scores=arr)  # fmt: skip
+
+    champion, challenger = rep([1.0] * 2000), rep([1.0] * 1900 + [0.0] * 100)  # 5 points less
+    settings = Settings()
+    verdict, _ = _judge_fidelity(champion, challenger, settings, Tolerance())
+    assert verdict == "worse"  # beyond the default 1 point
+    loose = Tolerance.from_dict({"min_top1_agreement": 0.9})  # the model allows 10 points
+    verdict, _ = _judge_fidelity(champion, challenger, settings, loose)
+    assert verdict == "same"

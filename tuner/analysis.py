@@ -33,12 +33,14 @@ from monitor.events import Finding, Notifier, apply_finding
 from monitor.registry import get_version, source_of
 from monitor.settings import Settings
 from monitor.storage import Database, read_aggregates, utcnow
-from tuner import experiments, fidelity, promotions
+from tuner import experiments, fidelity, promotions, registry
 from tuner.evidence import lines
 from tuner.experiments import ExperimentInfo
 from tuner.fidelity import Replay
+from tuner.guard import Tolerance
 
 log = logging.getLogger("tunewatch.analysis")
+SAMPLE_POINTS = 20_000  # latency values per arm that the analysis reads from the histograms
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ def arm_stats(
     calls, errors = sum(r.calls for r in rows), sum(r.errors for r in rows)
     # One value per call, spread within its bucket: the latency verdict reads the same
     # sample, so its p50/p95 match these.
-    sample = sketch.interpolated(hist)
+    # Bounded: a day of 1,000 calls/s would be 86M floats per arm, every minute.
+    sample = sketch.interpolated(hist, max_points=SAMPLE_POINTS)
     p50, p95, p99 = (
         np.quantile(sample, (0.5, 0.95, 0.99), method="inverted_cdf") if calls else [math.nan] * 3
     )
@@ -280,9 +283,10 @@ def _fidelity(
         log.exception("fidelity replay of experiment %s failed", exp.id)
         reason = f"replay failed: {exc}"
         return {"verdict": "error", "reason": reason, "champion": None, "challenger": None}, ()
-    verdict, reason = _judge_fidelity(a, b, settings)
+    tolerance = registry.tolerance(db, exp.model)  # the one the replays were judged with
+    verdict, reason = _judge_fidelity(a, b, settings, tolerance)
     out = {"verdict": verdict, "reason": reason, "reference": source.version,
-           "margin": fidelity.margin(b.task) if b.task in fidelity.HEADLINE else None,
+           "margin": fidelity.margin(b.task, tolerance) if b.task in fidelity.HEADLINE else None,
            "champion": a.to_dict(), "challenger": b.to_dict(), "task": b.task,
            **_fidelity_difference(a, b, 1.0 - settings.experiment_alpha)}  # fmt: skip
     return out, (a, b)
@@ -307,7 +311,9 @@ def _fidelity_difference(champ: Replay, chall: Replay, confidence: float) -> dic
     }
 
 
-def _judge_fidelity(champ: Replay, chall: Replay, settings: Settings) -> tuple[str, str]:
+def _judge_fidelity(
+    champ: Replay, chall: Replay, settings: Settings, tolerance: Tolerance
+) -> tuple[str, str]:
     """``worse`` | ``restores`` | ``same`` | ``insufficient_data`` | ``no_data``, and why."""
     if champ.status != "ok" or chall.status != "ok":
         if champ.rows == 0 and chall.rows == 0:
@@ -318,7 +324,7 @@ def _judge_fidelity(champ: Replay, chall: Replay, settings: Settings) -> tuple[s
         )
     both = f"{fidelity.describe(chall)} vs champion {fidelity.describe(champ, label=False)}"
     # One-sided at alpha / 2: the same level as the two-sided 1 - alpha intervals shown.
-    alpha, by = settings.experiment_alpha / 2.0, fidelity.margin(chall.task)
+    alpha, by = settings.experiment_alpha / 2.0, fidelity.margin(chall.task, tolerance)
     if fidelity.better_by(champ, chall, by, alpha):
         return "worse", (
             f"challenger is less faithful to the source {chall.source_version}: {both} "
