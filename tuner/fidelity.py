@@ -27,7 +27,6 @@ from monitor.settings import Settings
 from monitor.storage import Database, SampleRow, read_samples, utcnow
 from tuner.guard import TASKS, AccuracyGuard, Task, Tolerance
 from tuner.registry import tolerance as model_tolerance
-from tuner.registry import verified_artifact
 
 log = logging.getLogger("tunewatch.fidelity")
 
@@ -132,8 +131,9 @@ def replay(
     )  # fmt: skip
     if len(rows) < MIN_ROWS:
         return few
-    feeds = _feeds(rows, verified_artifact(source))
-    reference = run_model(source, feeds)
+    source_session = verified_session(source)
+    feeds = _feeds(rows, source_session)
+    reference = _run(source_session, feeds)
     output = reference if info.version == source.version else run_model(info, feeds)
     if tolerance is None:
         tolerance = model_tolerance(db, info.model)
@@ -167,11 +167,29 @@ def _feeds(rows: list[SampleRow], artifact: Any) -> dict[str, np.ndarray]:
     return {spec.name: np.stack([a[spec.name] for a in arrays]) for spec in inputs}
 
 
+def verified_session(info: VersionInfo) -> Any:
+    """An ONNX Runtime session (one thread) built from the very bytes whose sha256 was checked.
+
+    Raises:
+        ArtifactError: the artifact is missing, corrupted or swapped.
+    """
+    import onnxruntime as ort
+
+    from monitor.deploy import session_options
+    from tuner.registry import verified_bytes
+
+    options = session_options({"threads": 1})  # off the serving path: leave cores to it
+    return ort.InferenceSession(verified_bytes(info), options, providers=["CPUExecutionProvider"])
+
+
 def run_model(info: VersionInfo, feeds: dict[str, np.ndarray], chunk: int = 64) -> np.ndarray:
     """The first output of ``info``'s verified artifact on every row of ``feeds``."""
-    from tuner.onnx_tools import iter_chunks, load_session
+    return _run(verified_session(info), feeds, chunk)
 
-    session = load_session(verified_artifact(info))
+
+def _run(session: Any, feeds: dict[str, np.ndarray], chunk: int = 64) -> np.ndarray:
+    from tuner.onnx_tools import iter_chunks
+
     return np.concatenate([session.run(None, part)[0] for part in iter_chunks(feeds, chunk)])
 
 

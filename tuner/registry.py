@@ -25,6 +25,7 @@ from monitor.registry import (
     file_sha256,
     get_version,
     list_versions,
+    read_verified,
     verify_artifact,
     version_info,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "register",
     "set_status",
     "verified_artifact",
+    "verified_bytes",
 ]
 
 
@@ -227,6 +229,21 @@ def verified_artifact(info: VersionInfo) -> Path:
     """
     try:
         return verify_artifact(info)
+    except ArtifactMismatch as exc:
+        raise ArtifactError(str(exc)) from None
+
+
+def verified_bytes(info: VersionInfo) -> bytes:
+    """The artifact's bytes, read once and returned only when their sha256 matches.
+
+    Build from these bytes, never from the path again: a file swapped after the check is
+    never loaded.
+
+    Raises:
+        ArtifactError: the file is missing or its content changed since registration.
+    """
+    try:
+        return read_verified(info)
     except ArtifactMismatch as exc:
         raise ArtifactError(str(exc)) from None
 

@@ -117,6 +117,8 @@ def run_tuning(
         ArtifactError: the source's or the champion's artifact fails its sha256 check.
         TunerError: ``min_gain`` is negative.
     """
+    import onnxruntime as ort
+
     from tuner.engine import Incumbent, incumbent_options, tune
     from tuner.errors import TunerError
     from tuner.onnx_tools import describe_inputs
@@ -125,10 +127,10 @@ def run_tuning(
         raise TunerError(f"min_gain={min_gain} must be 0 or more (0.05 = 5 % faster)")
     current = champion(db, model)
     source = source_of(db, current)
-    path = registry.verified_artifact(source)
-    incumbent = Incumbent(current.version, registry.verified_artifact(current),
-                          incumbent_options(current.config))  # fmt: skip
-    inputs = describe_inputs(path)
+    # What was hashed is what gets loaded: the run works on copies of the verified bytes.
+    source_bytes = registry.verified_bytes(source)
+    incumbent_bytes = registry.verified_bytes(current)
+    inputs = describe_inputs(ort.InferenceSession(source_bytes, providers=["CPUExecutionProvider"]))
     if since is None and retune_request_id is not None:
         since = request_since(db, retune_request_id)
     if data is None:
@@ -138,6 +140,12 @@ def run_tuning(
         )  # fmt: skip
     run_id = _start_run(db, model, source.version, slo_ms, objective, retune_request_id)
     workdir = Path(settings.artifacts_dir).resolve() / model / "tuning" / f"run-{run_id}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "source.onnx"
+    path.write_bytes(source_bytes)
+    (workdir / "incumbent.onnx").write_bytes(incumbent_bytes)
+    incumbent = Incumbent(current.version, workdir / "incumbent.onnx",
+                          incumbent_options(current.config))  # fmt: skip
     try:
         kwargs: dict[str, Any] = quick_options() if quick else {}
         tolerance = tolerance if tolerance is not None else registry.tolerance(db, model)
