@@ -214,8 +214,9 @@ class Monitor:
         rows = sample_rows(
             named_inputs((feed,), {}), outputs, max_rows=1 << 62,
             tabular_max_columns=self.settings.tabular_max_columns,
-            raw_row_max_bytes=self.settings.raw_row_max_bytes, output_kind=key.output_kind,
-            feature_names=key.feature_names,
+            raw_row_max_bytes=self.settings.raw_row_max_bytes
+            if self.settings.raw_reservoir_mb > 0 else 0,  # no reservoir: no raw rows, as calls
+            output_kind=key.output_kind, feature_names=key.feature_names,
         )  # fmt: skip
         n = len(rows)
         if n == 0:

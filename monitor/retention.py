@@ -105,8 +105,8 @@ class _Pruner:
             # Rows the age-out deletes are not counted again (a dry run reports the same).
             younger = [t.ts >= old] if old is not None else []
             thin = self._cutoff(self.s.samples_thin_after_days)
-            if thin is not None:
-                self._thin([*own, *younger, t.ts < thin])
+            if thin is not None:  # predictions with an id wait for their labels: never thinned
+                self._thin([*own, *younger, t.ts < thin, t.request_id.is_(None)])
             raw = self._cutoff(self.s.retention_raw_days)
             if raw is not None:  # after thinning: only the rows that stay
                 self._clear_raw([*own, *younger, t.ts < raw, t.raw.is_not(None)])

@@ -180,3 +180,25 @@ def test_negative_retention_settings_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="retention_spans_days=-1"):
         Settings(retention_spans_days=-1)
+
+
+def test_predictions_with_ids_are_not_thinned_while_they_wait_for_labels(
+    sqlite_url: str,
+) -> None:
+    settings = _settings(sqlite_url)
+    with Monitor(settings=settings, sample_rate=0.0) as mon:
+        _log(mon, NOW - timedelta(days=29.5), 50, 50)  # the drift reference
+        n = 300
+        times = [NOW - timedelta(days=5) + timedelta(seconds=30 * i / n) for i in range(n)]
+        ids = [f"order-{i}" for i in range(n // 2)]
+        mon.log(name="m", version="v1", inputs=RNG.normal(size=(n // 2, 8)).astype(np.float32),
+                latency_ms=np.ones(n // 2), timestamps=times[: n // 2], ids=ids)  # fmt: skip
+        mon.log(name="m", version="v1", inputs=RNG.normal(size=(n // 2, 8)).astype(np.float32),
+                latency_ms=np.ones(n // 2), timestamps=times[n // 2 :])  # fmt: skip
+        mon.flush()
+        db = mon.db
+    report = prune(db, settings)
+    t = schema.Sample
+    assert _count(db, t, t.request_id.is_not(None)) == 150  # every labelled-to-be row kept
+    assert report.tables["samples"]["thinned"] == 150 - 10  # the rest down to 10 a minute
+    db.dispose()
