@@ -296,14 +296,20 @@ class Deployment:
                 return await loop.run_in_executor(None, contextvars.copy_context().run, call, feed)
 
             return _Arm(call, acall)
-        from monitor.batching import DynamicBatcher
+        from monitor.batching import DynamicBatcher, pad_rows, run_by_length
 
         delay = float(self._max_delay if self._max_delay is not None
                       else info.config.get("max_delay_ms", 5.0))  # fmt: skip
         workers = int(self._batch_workers or info.config.get("batch_workers") or 1)
+        run: Callable[[Any], Any] = lambda feed: session.run(None, feed)  # noqa: E731
+        stack: Callable[[Any], Any] = _concat_rows
+        mask = info.config.get("trim_padding")
+        if mask:  # the tuner proved the outputs respect the mask: pad ragged rows, run by length
+            run = lambda feed: run_by_length(lambda f: session.run(None, f), feed, mask)  # noqa: E731
+            stack = lambda items: pad_rows(items, mask)  # noqa: E731
         batcher: Any = DynamicBatcher(
-            lambda feed: session.run(None, feed), max_batch_size=max(1, batch),
-            max_delay_ms=delay, stack=_concat_rows, unstack=_split_rows,
+            run, max_batch_size=max(1, batch),
+            max_delay_ms=delay, stack=stack, unstack=_split_rows,
             name=f"{info.model}:{info.version}", workers=workers,
         )  # fmt: skip
         closers.append(batcher.close)

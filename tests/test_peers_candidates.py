@@ -3,6 +3,7 @@ dynamic int8, padding trimmed per batch, and a serving configuration searched un
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +205,9 @@ def test_serving_search_returns_a_configuration_the_deployment_applies(
                            calls_per_client=3, batch_sizes=(4,), delays_ms=(1.0, 2.0))  # fmt: skip
     assert found.best is not None and found.best.max_batch_size == 4
     assert len(found.points) >= 2 and "calls/s" in found.reason
-    config = found.best.to_config()
+    # The trial's config carries trim_padding: the deployment pads ragged rows and runs them
+    # grouped by length, as the search measured.
+    config = {**found.best.to_config(), "trim_padding": "attention_mask"}
     settings = Settings(database_url=sqlite_url, artifacts_dir=str(tmp_path / "artifacts"))
     db = Database(sqlite_url)
     registry.register("bert", path, config=config, db=db, settings=settings)
@@ -213,7 +216,8 @@ def test_serving_search_returns_a_configuration_the_deployment_applies(
     session = load_session(path)
     with Monitor(sqlite_url, sample_rate=0.0) as mon:
         dep = mon.deployment("bert", poll_s=60)
-        outs = [dep(row) for row in rows]
+        with ThreadPoolExecutor(6) as pool:  # concurrent callers of different lengths
+            outs = list(pool.map(dep, rows))
         stats = dep.batching_stats()["champion"]
     assert stats["workers"] == found.best.batch_workers
     assert stats["items"] == len(rows) and stats["mean_batch_size"] <= 4

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
+from monitor.batching import run_by_length
 from tuner.errors import ArtifactError, TunerError
 from tuner.onnx_tools import (
     CPU,
@@ -35,7 +36,6 @@ from tuner.onnx_tools import (
     iter_chunks,
     load_session,
     take_rows,
-    trim_padding,
 )
 
 if TYPE_CHECKING:
@@ -847,17 +847,7 @@ class OrtRunner:
         """Run one batch."""
         if not self.trim:
             return self._run(feeds)
-        rows = len(feeds[self.trim])
-        if rows < 2 * GROUP_ROWS:
-            return self._run(trim_padding(feeds, self.trim))
-        mask = np.asarray(feeds[self.trim]) != 0
-        lengths = (mask * np.arange(1, mask.shape[1] + 1)).max(axis=1)
-        order = np.argsort(lengths, kind="stable")
-        groups = np.array_split(order, -(-rows // GROUP_ROWS))
-        parts = [self._run(trim_padding(take_rows(feeds, g), self.trim)) for g in groups]
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(rows)
-        return [np.concatenate([p[i] for p in parts])[inverse] for i in range(len(parts[0]))]
+        return run_by_length(self._run, feeds, self.trim, GROUP_ROWS)
 
     def _run(self, feeds: Feeds) -> list[np.ndarray]:
         return [np.asarray(out) for out in self.session.run(None, feeds)]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
+from monitor.batching import trim_padding  # noqa: F401 - re-exported for the tuner
 from monitor.deploy import GRAPH_LEVELS
 from monitor.deploy import session_options as runtime_session_options
 from monitor.registry import file_sha256
@@ -197,33 +198,6 @@ def make_batch(feeds: Mapping[str, np.ndarray], batch_size: int) -> Feeds:
     if rows == 0:
         raise NotEnoughSamples("no samples to build a batch from; pass at least one")
     return take_rows(feeds, np.arange(batch_size) % rows)
-
-
-def trim_padding(feeds: Mapping[str, np.ndarray], mask: str = "attention_mask") -> Feeds:
-    """Cut every input's sequence axis to the longest real length in this batch.
-
-    ``mask`` is the (batch, sequence) attention mask; columns after the last one any row uses
-    are padding every row ignores, so a model whose outputs respect the mask gives the same
-    outputs on the shorter batch, for less work. Inputs without that sequence axis pass as they
-    are; a batch with nothing to trim is returned unchanged.
-
-    >>> ids = np.array([[5, 6, 0, 0], [7, 0, 0, 0]])
-    >>> out = trim_padding({"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64)})
-    >>> out["input_ids"].tolist()
-    [[5, 6], [7, 0]]
-    """
-    m = feeds.get(mask)
-    if m is None or m.ndim != 2:
-        return dict(feeds)
-    used = np.flatnonzero(m.any(axis=0))
-    length = max(1, int(used[-1]) + 1 if used.size else 1)
-    width = m.shape[1]
-    if length >= width:
-        return dict(feeds)
-    return {
-        k: np.ascontiguousarray(v[:, :length]) if v.ndim >= 2 and v.shape[1] == width else v
-        for k, v in feeds.items()
-    }
 
 
 def iter_chunks(feeds: Mapping[str, np.ndarray], size: int) -> list[Feeds]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from monitor.batching import pad_rows, run_by_length
 from tuner.errors import TunerError
 from tuner.onnx_tools import Feeds, RuntimeOptions, cpu_count, load_session, num_rows, trim_padding
 
@@ -72,26 +73,9 @@ class ServingSearch:
         }
 
 
-def pad_rows(items: Sequence[Mapping[str, np.ndarray]], mask: str | None) -> Feeds:
-    """Stack single-row feeds into one batch, zero-padding sequences to the longest one.
-
-    With ``mask`` (the attention-mask input), inputs that share its sequence axis are padded on
-    the right; zeros there are padding the model ignores. Without it the rows must match.
-    """
-    if mask is None:
-        return {k: np.concatenate([item[k] for item in items]) for k in items[0]}
-    longest = max(int(item[mask].shape[1]) for item in items)
-    out = {}
-    for k in items[0]:
-        parts = []
-        for item in items:
-            a = item[k]
-            if a.ndim >= 2 and a.shape[1] == item[mask].shape[1] and a.shape[1] < longest:
-                pad = [(0, 0), (0, longest - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
-                a = np.pad(a, pad)
-            parts.append(a)
-        out[k] = np.concatenate(parts)
-    return out
+def _concat(items: Sequence[Mapping[str, np.ndarray]]) -> Feeds:
+    """Stack single-row feeds of one shape."""
+    return {k: np.concatenate([item[k] for item in items]) for k in items[0]}
 
 
 def natural_rows(feeds: Feeds, mask: str | None) -> list[Feeds]:
@@ -197,11 +181,13 @@ def _measure(
 
         def run_batch(feed: Feeds) -> list[np.ndarray]:
             batches.append(num_rows(feed))
+            if mask:  # as a deployment of a config with trim_padding runs it
+                return run_by_length(lambda f: session.run(None, f), feed, mask)
             return [np.asarray(o) for o in session.run(None, feed)]
 
         batcher = DynamicBatcher(
             run_batch, max_batch_size=batch, max_delay_ms=delay_ms, workers=workers,
-            stack=lambda items: pad_rows(items, mask),
+            stack=(lambda items: pad_rows(items, mask)) if mask else _concat,
             unstack=lambda out, n: [[o[i : i + 1] for o in out] for i in range(n)],
         )  # fmt: skip
         call: Callable[[Feeds], Any] = batcher
