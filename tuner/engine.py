@@ -136,6 +136,8 @@ class Incumbent:
     version: str
     path: Path
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    # The deployment trims padding for a version whose config says so: measured the same way.
+    trim_padding: Any = None
 
 
 def incumbent_options(config: Mapping[str, Any]) -> RuntimeOptions:
@@ -411,7 +413,8 @@ class _Search:
         """The serving champion as an entry: not built, only checked against the source."""
         spec = CandidateSpec(INCUMBENT, "incumbent", {"version": incumbent.version},
                              incumbent.options.provider)  # fmt: skip
-        built = BuiltCandidate(spec, Path(incumbent.path))
+        extra = {"trim_padding": incumbent.trim_padding} if incumbent.trim_padding else {}
+        built = BuiltCandidate(spec, Path(incumbent.path), extra=extra)
         entry = _Entry(spec, built, options=incumbent.options)
         self.progress(f"guard {INCUMBENT} {incumbent.version}", 0, 1)
         try:

@@ -145,7 +145,8 @@ def run_tuning(
     path.write_bytes(source_bytes)
     (workdir / "incumbent.onnx").write_bytes(incumbent_bytes)
     incumbent = Incumbent(current.version, workdir / "incumbent.onnx",
-                          incumbent_options(current.config))  # fmt: skip
+                          incumbent_options(current.config),
+                          current.config.get("trim_padding"))  # fmt: skip
     try:
         kwargs: dict[str, Any] = quick_options() if quick else {}
         tolerance = tolerance if tolerance is not None else registry.tolerance(db, model)
