@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint types pytest bench clean
+.PHONY: install demo test lint types pytest bench bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,14 @@ pytest: $(STAMP)
 test: lint types pytest
 
 bench: $(STAMP)
-	for b in overhead writer detection tuning serving sequential batching_micro retention; do \
+	for b in overhead writer detection tuning serving sequential batching_micro retention \
+		api_hostile performance loop; do \
 		$(BIN)/python bench/$$b.py || exit 1; done
+
+# The peers (OpenVINO, NNCF, Optimum, Olive) install beside the product: see bench/README.md.
+bench-peers: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[peers]" "$(TORCH)"
+	$(BIN)/python bench/peers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info tunewatch.db tunewatch.db-wal tunewatch.db-shm
