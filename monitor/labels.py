@@ -76,20 +76,28 @@ def request_context(
         REQUEST.reset(token)
 
 
-def row_ids(request_id: str | tuple[str, ...] | None, n: int) -> list[str | None]:
-    """The id of each of ``n`` rows of one call (see :func:`request_context`).
+def row_ids(
+    request_id: str | tuple[str, ...] | None, n: int, first: int | None = None
+) -> list[str | None]:
+    """The ids of the first ``first`` (default: all) of a call's ``n`` rows.
+
+    One id on a call of several rows names them ``id/0``, ``id/1`` ... (see
+    :func:`request_context`); only the rows that are stored get an id built.
 
     >>> row_ids("a" * 200, 2)[1][-3:], max(len(i) for i in row_ids("a" * 200, 12))
     ('a/1', 200)
+    >>> row_ids("order", 6_500_000, first=2)
+    ['order/0', 'order/1']
     """
+    k = n if first is None else min(n, first)
     if request_id is None:
-        return [None] * n
+        return [None] * k
     if isinstance(request_id, tuple):
-        return [request_id[i] if i < len(request_id) else None for i in range(n)]
+        return [request_id[i] if i < len(request_id) else None for i in range(k)]
     if n == 1:
-        return [request_id]
+        return [request_id][:k]
     # The suffix must fit the column too: an over-long id failed the whole write on PostgreSQL.
-    return [f"{request_id[: MAX_ID_CHARS - len(f'/{i}')]}/{i}" for i in range(n)]
+    return [f"{request_id[: MAX_ID_CHARS - len(f'/{i}')]}/{i}" for i in range(k)]
 
 
 def _id_text(value: Any, row: int) -> str:
