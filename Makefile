@@ -40,9 +40,15 @@ bench: $(STAMP)
 		api_hostile performance loop; do \
 		$(BIN)/python bench/$$b.py || exit 1; done
 
-# The peers (OpenVINO, NNCF, Optimum, Olive) install beside the product: see bench/README.md.
+# The peers install beside the product, never into its dependencies: OpenVINO + NNCF as the
+# `peers` extra; Optimum and Olive pin other transformers/optuna versions, so they go to their
+# own folders under bench/out (see bench/peers.py).
 bench-peers: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[peers]" "$(TORCH)"
+	$(BIN)/python -m pip install -q --no-deps --target bench/out/peers-site optimum==2.1.0 \
+		optimum-onnx==0.1.0 transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.2
+	$(BIN)/python -m pip install -q --no-deps --target bench/out/olive-site olive-ai==0.13.0 \
+		optuna==5.0.0 torchmetrics==1.9.0 lightning-utilities==0.15.3 colorlog==6.12.0
 	$(BIN)/python bench/peers.py
 
 clean:
