@@ -33,6 +33,9 @@ from monitor.storage import (
 
 log = logging.getLogger("tunewatch.detect")
 REFERENCE_ARM = "reference"
+# Output summary keys that are not distributions to test: the probability vector (log loss
+# only) and the explicit output kind.
+NOT_DRIFTED = frozenset({"probs", "kind"})
 Values = tuple[np.ndarray, "np.ndarray | None"]  # latencies and optional counts
 Span = tuple["datetime | None", "datetime | None"]
 
@@ -206,7 +209,8 @@ def features_frame(samples: list[SampleRow]) -> pd.DataFrame:
 def outputs_frame(samples: list[SampleRow]) -> pd.DataFrame:
     """Output summaries of samples as a DataFrame (top class is categorical)."""
     # The probability vector (kept for realized log loss) is not a drift column.
-    records = [{k: v for k, v in s.outputs.items() if k != "probs"} for s in samples if s.outputs]
+    records = [{k: v for k, v in s.outputs.items() if k not in NOT_DRIFTED}
+               for s in samples if s.outputs]  # fmt: skip
     frame = pd.DataFrame.from_records(records)
     if "top_class" in frame:
         frame["top_class"] = frame["top_class"].astype("Int64").astype(str)

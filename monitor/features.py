@@ -245,9 +245,13 @@ def output_summaries(
         return None
     arr = first[:max_rows].astype(np.float64, copy=False)
     flat = arr.reshape(arr.shape[0], -1)
+    told = kind != "auto"
     kind = _output_kind(flat, kind)
     if kind == "scalar":
-        return [{"value": _scalar(v)} for v in flat[:, 0].tolist()]
+        # An explicit output_kind="scalar" marks the values as quantities: realized
+        # performance then treats whole numbers (counts) as a regression, not class labels.
+        mark = {"kind": "scalar"} if told else {}
+        return [{"value": _scalar(v), **mark} for v in flat[:, 0].tolist()]
     if kind == "embedding":
         return [{"norm": _scalar(v)} for v in np.linalg.norm(flat, axis=1).tolist()]
     probs = _as_probabilities(flat)

@@ -350,6 +350,8 @@ def task_of_outputs(
         return "auto", None
     if any("top_class" in o for o in outputs):
         return "classification", n_classes
+    if any(o.get("kind") == "scalar" for o in outputs):  # the wrapper's output_kind="scalar"
+        return "regression", None
     values = [float(v) for v in (o.get("value") for o in outputs) if v is not None]
     if values and all(v == int(v) and v >= 0 for v in values):
         return "classification", None

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from monitor import schema
+from monitor import Monitor, schema
 from monitor.errors import ConfigError
 from monitor.labels import REQUEST, log_labels, request_context, row_ids
 from monitor.storage import Database, insert_rows
@@ -214,3 +214,15 @@ def test_ids_from_log_context_and_deployment_join_labels(db_url: str, tmp_path: 
         served = {r.request_id for r in read_samples(mon.db, "m")}
         assert served == {"dep-sync", "dep-async"}
         assert REQUEST.get() is None
+
+
+def test_output_kind_scalar_makes_whole_number_outputs_a_regression(sqlite_url: str) -> None:
+    # A model that predicts counts: wrapped with output_kind="scalar", its 2s and 3s are
+    # quantities, and labels of 2.5 are targets, not class indexes.
+    with Monitor(sqlite_url, sample_rate=1.0) as mon:
+        counts = mon.wrap(lambda x: np.array([2.0, 3.0]), name="counts", output_kind="scalar")
+        with mon.context(request_id=("a", "b")):
+            counts(np.zeros((2, 4), dtype=np.float32))
+        assert mon.flush()
+        report = mon.log_labels(name="counts", ids=["a", "b"], labels=[2.5, 3.0])
+    assert report.task == "regression"
