@@ -95,7 +95,7 @@ def row_ids(
     if isinstance(request_id, tuple):
         return [request_id[i] if i < len(request_id) else None for i in range(k)]
     if n == 1:
-        return [request_id][:k]
+        return [request_id if i == 0 else None for i in range(k)]
     # The suffix must fit the column too: an over-long id failed the whole write on PostgreSQL.
     return [f"{request_id[: MAX_ID_CHARS - len(f'/{i}')]}/{i}" for i in range(k)]
 
