@@ -298,9 +298,7 @@ def _fidelity_difference(champ: Replay, chall: Replay, confidence: float) -> dic
         return {}
     from statistics import NormalDist
 
-    diff = float(chall.scores.mean() - champ.scores.mean())
-    se = float(np.sqrt(chall.scores.var(ddof=1) / len(chall.scores)
-                       + champ.scores.var(ddof=1) / len(champ.scores)))  # fmt: skip
+    diff, se = fidelity.difference(chall, champ)
     half = NormalDist().inv_cdf(0.5 + confidence / 2.0) * se
     both = f"{fidelity.describe(chall)} vs champion {fidelity.describe(champ, label=False)}"
     return {

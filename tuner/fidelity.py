@@ -226,13 +226,18 @@ def better_by(a: Replay, b: Replay, by: float, alpha: float) -> bool:
     """
     if a.status != "ok" or b.status != "ok" or a.task != b.task or not a.task:
         return False
-    higher = HEADLINE[a.task][1]
-    sa, sb = (a.scores, b.scores) if higher else (-a.scores, -b.scores)
-    diff = float(sa.mean() - sb.mean()) - by
-    se = float(np.sqrt(sa.var(ddof=1) / len(sa) + sb.var(ddof=1) / len(sb)))
+    raw, se = difference(a, b)
+    diff = (raw if HEADLINE[a.task][1] else -raw) - by  # "better": higher, or lower error
     if se == 0.0:
         return diff > 0
     return diff / se > NormalDist().inv_cdf(1.0 - alpha)
+
+
+def difference(a: Replay, b: Replay) -> tuple[float, float]:
+    """``a``'s mean per-row score minus ``b``'s, and the (Welch) standard error of that."""
+    diff = float(a.scores.mean() - b.scores.mean())
+    se = float(np.sqrt(a.scores.var(ddof=1) / len(a.scores) + b.scores.var(ddof=1) / len(b.scores)))
+    return diff, se
 
 
 def describe(r: Replay, *, label: bool = True) -> str:
