@@ -42,6 +42,10 @@ class Settings:
     Traceback (most recent call last):
     ...
     monitor.errors.ConfigError: setting sample_rate=2 is out of range: use a share between 0 and 1
+    >>> Settings(latency_tolerance=10)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    monitor.errors.ConfigError: setting latency_tolerance=10 must be a fraction below 10 ...
     """
 
     database_url: str = DEFAULT_DATABASE_URL
@@ -169,6 +173,12 @@ class Settings:
                      "experiment_improvement_margin", "performance_tolerance"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name}={getattr(self, name)!r} must be >= 0")
+        for name in ("latency_tolerance", "experiment_latency_tolerance"):
+            if getattr(self, name) >= 10:  # the statistics refuse it later, in a job
+                raise ConfigError(
+                    f"setting {name}={getattr(self, name)!r} must be a fraction below 10 "
+                    "(0.10 = 10 % slower)"
+                )
         if not self.database_url:
             raise ConfigError("setting database_url is empty: pass a SQLAlchemy URL")
 

@@ -425,10 +425,11 @@ def test_a_shadow_challenger_that_restores_fidelity_is_not_rolled_back_for_disag
     sqlite_url: str, tmp_path: Path
 ) -> None:
     # It disagrees with the stale champion on the rows the champion gets wrong: that is the point.
-    # Shadow copies run on a thread beside the callers, so on a busy machine the same model can
-    # time 10-15 % slower there: this test's latency guardrail is wide; fidelity is the subject.
+    # Shadow copies run on a thread beside the callers, so on a busy machine the same
+    # 9-microsecond model timed x4.3 slower there in one fresh-clone run: latency is not the
+    # subject here (other tests judge it), so its guardrail is out of the way; fidelity is.
     settings = Settings(database_url=sqlite_url, artifacts_dir=str(tmp_path / "artifacts"),
-                        experiment_latency_tolerance=1.0)  # fmt: skip
+                        experiment_latency_tolerance=9.0)  # fmt: skip
     db = Database(sqlite_url)
     registry.register("clf", light_model(tmp_path / "light.onnx"), db=db, settings=settings)
     make_champion(db, derive(db, settings, tmp_path, "stale", degraded))
