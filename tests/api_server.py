@@ -67,9 +67,14 @@ def request_promotion(db: Database, name: str, to_version: str = "v2") -> int:
 @contextlib.contextmanager
 def running_api(settings: Settings, db: Database) -> Iterator[str]:
     """Serve the real app with uvicorn on a free 127.0.0.1 port; yield its base URL."""
-    config = uvicorn.Config(
-        create_app(settings, db), host="127.0.0.1", port=0, log_level="warning", lifespan="on"
-    )
+    with serving(create_app(settings, db), lifespan="on") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(app: Any, lifespan: str = "auto") -> Iterator[str]:
+    """Serve ``app`` with a real uvicorn on a free 127.0.0.1 port; yield its base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-import uvicorn
 from fastapi import FastAPI
 
 from monitor import Monitor, Settings
 from monitor.storage import Database, read_aggregates
+from tests.api_server import serving
 from tests.serving_models import tiny_onnx
 from tuner import registry
 
@@ -42,23 +38,6 @@ def _app(dep: Any) -> FastAPI:
     return app
 
 
-@contextlib.contextmanager
-def _serving(app: FastAPI) -> Iterator[str]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(600):  # up to 30 s on a busy machine
-        if server.started or not thread.is_alive():
-            break
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 async def _concurrently(base: str, n: int) -> list[httpx.Response]:
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
         return await asyncio.gather(*(client.get("/predict", params={"i": i}) for i in range(n)))
@@ -77,7 +56,7 @@ def test_awaited_calls_are_batched_together_while_the_loop_stays_free(
         # A blocked event loop would hand the batcher one item at a time, each waiting 2 s.
         dep = mon.deployment("m", poll_s=60, batching=True, max_batch_size=CONCURRENT // 2,
                              max_delay_ms=2000)  # fmt: skip
-        with _serving(_app(dep)) as base:
+        with serving(_app(dep)) as base:
             responses = asyncio.run(_concurrently(base, CONCURRENT))
         assert [r.status_code for r in responses] == [200] * CONCURRENT
         assert [r.json()["y"] for r in responses] == [_expected(i) for i in range(CONCURRENT)]
@@ -92,7 +71,7 @@ def test_unbatched_awaited_calls_answer_each_caller(sqlite_url: str, tmp_path: P
     _register(sqlite_url, tmp_path)
     with Monitor(sqlite_url, sample_rate=0.0) as mon:
         dep = mon.deployment("m", poll_s=60, batching=False)
-        with _serving(_app(dep)) as base:
+        with serving(_app(dep)) as base:
             responses = asyncio.run(_concurrently(base, CONCURRENT))
         assert [r.json()["y"] for r in responses] == [_expected(i) for i in range(CONCURRENT)]
         assert dep.batching_stats() == {}

@@ -4,44 +4,22 @@ inside a real FastAPI app served by uvicorn."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import inspect
-import threading
 import time
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import select
 
 from monitor import Monitor, schema, storage
+from tests.api_server import serving
 
 SLEEP_S = 0.2
-
-
-@contextlib.contextmanager
-def _served(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with a real uvicorn on a free 127.0.0.1 port; yield its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn-async-test", daemon=True)
-    thread.start()
-    try:
-        for _ in range(600):  # up to 30 s on a busy machine
-            if server.started or not thread.is_alive():
-                break
-            time.sleep(0.05)
-        assert server.started, "uvicorn did not start within 30 s"
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def _aggregate(mon: Monitor, model: str) -> dict[str, Any]:
@@ -91,7 +69,7 @@ def test_concurrent_requests_to_a_fastapi_app_record_the_awaits(db_url: str) -> 
             assert [r.json()["y"] for r in replies[:12]] == [2.0 * x for x in range(12)]
             return [r.status_code for r in replies]
 
-        with _served(app) as base:
+        with serving(app, lifespan="off") as base:
             codes = asyncio.run(send(base))
         assert codes == [200] * 12 + [500] * 3
         assert mon.flush()
