@@ -67,11 +67,7 @@ class ShiftResult:
 
     def to_dict(self) -> dict[str, object]:
         """Plain, JSON-serialisable fields (intervals become lists)."""
-        out = asdict(self)
-        for key in ("median_ci", "p95_ci"):
-            if out[key] is not None:
-                out[key] = list(out[key])
-        return out
+        return _with_list_intervals(asdict(self))
 
 
 def mann_whitney_hl(x: npt.ArrayLike, y: npt.ArrayLike, alpha: float = 0.05) -> RankShift:
@@ -388,11 +384,7 @@ class LatencyEffect:
 
     def to_dict(self) -> dict[str, object]:
         """Plain, JSON-serialisable fields (intervals become lists)."""
-        out = asdict(self)
-        for key in ("median_ci", "p95_ci"):
-            if out[key] is not None:
-                out[key] = list(out[key])
-        return out
+        return _with_list_intervals(asdict(self))
 
     def effect(self) -> tuple[str, float, tuple[float, float]] | None:
         """The median effect in the verdict's direction: ``("faster", 1.36, (1.35, 1.38))``.
@@ -526,3 +518,12 @@ def _effect_reason(e: LatencyEffect) -> str:
         f"p95 {e.p95_champion:.3g} -> {e.p95_challenger:.3g} ms, "
         f"Mann-Whitney {format_p(e.p_value)}"
     )
+
+
+def _with_list_intervals(out: dict[str, object]) -> dict[str, object]:
+    """``median_ci`` and ``p95_ci`` tuples as lists, for JSON."""
+    for key in ("median_ci", "p95_ci"):
+        value = out.get(key)
+        if isinstance(value, tuple):
+            out[key] = list(value)
+    return out
