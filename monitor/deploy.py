@@ -305,7 +305,10 @@ class Deployment:
         stack: Callable[[Any], Any] = _concat_rows
         mask = info.config.get("trim_padding")
         if mask:  # the tuner proved the outputs respect the mask: pad ragged rows, run by length
-            run = lambda feed: run_by_length(lambda f: session.run(None, f), feed, mask)  # noqa: E731
+            group = _group_rows(info)
+            run = lambda feed: run_by_length(  # noqa: E731
+                lambda f: session.run(None, f), feed, mask, group_rows=group
+            )
             stack = lambda items: pad_rows(items, mask)  # noqa: E731
         batcher: Any = DynamicBatcher(
             run, max_batch_size=max(1, batch),
@@ -439,6 +442,22 @@ def _concat_rows(items: Any) -> dict[str, np.ndarray]:
 def _split_rows(outputs: Any, n: int) -> list[list[np.ndarray]]:
     """Give each caller its own row of every output, keeping the batch axis of 1."""
     return [[out[i : i + 1] for out in outputs] for i in range(n)]
+
+
+DEFAULT_GROUP_ROWS = 8
+
+
+def _group_rows(info: VersionInfo) -> int:
+    """Rows per length group (config ``trim_group_rows``); a bad value logs and serves with 8.
+
+    A registered config is read on every reload: a typo there must not stop serving.
+    """
+    value = info.config.get("trim_group_rows", DEFAULT_GROUP_ROWS)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    log.error("%s:%s config trim_group_rows=%r is invalid: use an integer >= 1; serving with "
+              "groups of %d rows", info.model, info.version, value, DEFAULT_GROUP_ROWS)  # fmt: skip
+    return DEFAULT_GROUP_ROWS
 
 
 def _as_feed(feed: Any, names: list[str]) -> Any:

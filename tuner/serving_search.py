@@ -2,8 +2,10 @@
 
 A model file from Olive, INC or Optimum comes with ORT's defaults; a deployment has more knobs
 than the model: intra-op threads per session run, how many batches run at once (instances:
-``batch_workers``, each on its own thread against the thread-safe session), the largest batch
-and how long a batch may wait to fill. :func:`search_serving` measures combinations of them
+``batch_workers``, each on its own thread against the thread-safe session), the largest batch,
+how long a batch may wait to fill and, for a model with an attention mask, how many rows of
+like length run together (``trim_group_rows``: two concurrent runs of large groups can spill
+a small L2 cache). :func:`search_serving` measures combinations of them
 with ``clients`` concurrent callers that each send one row at a time (of its natural length,
 when the model has an attention mask) and returns the one with the most calls per second whose
 p99 latency is within the SLO. Measurements are counted in calls, not timed windows.
@@ -29,7 +31,11 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class ServingPoint:
-    """One configuration as measured: its knobs, calls/s, p50/p99 and the mean batch."""
+    """One configuration as measured: its knobs, calls/s, p50/p99 and the mean batch.
+
+    ``group_rows`` is the rows per length group of a padded batch (``trim_group_rows``);
+    0 where it does not apply (no attention mask, or no batching).
+    """
 
     threads: int
     batch_workers: int
@@ -39,15 +45,19 @@ class ServingPoint:
     p50_ms: float
     p99_ms: float
     mean_batch: float
+    group_rows: int = 0
 
     def to_config(self) -> dict[str, Any]:
         """The keys a deployment reads from a version's config to serve this way."""
-        return {
+        config: dict[str, Any] = {
             "runtime": {"threads": self.threads, "spinning": False},
             "batch_size": self.max_batch_size,
             "max_delay_ms": self.max_delay_ms,
             "batch_workers": self.batch_workers,
         }
+        if self.group_rows:
+            config["trim_group_rows"] = self.group_rows
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """Return JSON-serialisable values."""
@@ -94,6 +104,7 @@ def search_serving(
     calls_per_client: int = 8,
     batch_sizes: Sequence[int] = (1, 4, 8, 16, 32),
     delays_ms: Sequence[float] = (1.0, 2.0, 5.0),
+    group_rows: Sequence[int] = (2, 4, 8),
     graph_optimization: str = "all",
     progress: Progress | None = None,
 ) -> ServingSearch:
@@ -101,16 +112,21 @@ def search_serving(
 
     Every (threads, batch_workers) pair that fits the cores (threads x workers <= nproc) is
     measured at each batch size (1: no batching, each caller runs the session itself) with
-    a 2 ms delay; the best batched one is then tried at the other delays.
+    a 2 ms delay and (with a ``mask``) length groups of 8 rows, or the first of ``group_rows``
+    when 8 is not among them; the best batched one is then tried at the other delays and,
+    with a ``mask``, at the other group sizes.
 
     Raises:
-        TunerError: ``slo_ms``, ``clients`` or ``calls_per_client`` is not positive.
+        TunerError: ``slo_ms``, ``clients`` or ``calls_per_client`` is not positive, or
+            ``group_rows`` is empty or holds a value that is not an integer >= 1.
     """
     if slo_ms <= 0 or clients < 1 or calls_per_client < 1:
         raise TunerError(
             f"slo_ms={slo_ms}, clients={clients}, calls_per_client={calls_per_client} "
             "must all be positive"
         )
+    groups = _check_groups(group_rows)
+    base = 8 if 8 in groups else groups[0]
     rows = natural_rows(feeds, mask)
     report = progress or (lambda step, done, total: None)
     cores = cpu_count()
@@ -119,7 +135,7 @@ def search_serving(
     points: list[ServingPoint] = []
     for i, (t, w, b, d) in enumerate(plan):
         report(f"serving t{t} x{w} batch {b}", i, len(plan))
-        points.append(_measure(path, rows, mask, t, w, b, d, clients, calls_per_client,
+        points.append(_measure(path, rows, mask, t, w, b, d, base, clients, calls_per_client,
                                graph_optimization))  # fmt: skip
     batched = [p for p in points if p.max_batch_size > 1]
     lead = _best(batched, slo_ms)
@@ -127,8 +143,15 @@ def search_serving(
         for d in delays_ms:
             if d != lead.max_delay_ms:
                 points.append(_measure(path, rows, mask, lead.threads, lead.batch_workers,
-                                       lead.max_batch_size, d, clients, calls_per_client,
+                                       lead.max_batch_size, d, base, clients, calls_per_client,
                                        graph_optimization))  # fmt: skip
+        lead = _best([p for p in points if p.max_batch_size > 1], slo_ms)
+    if lead is not None and mask:
+        for g in groups:
+            if g != base:
+                points.append(_measure(path, rows, mask, lead.threads, lead.batch_workers,
+                                       lead.max_batch_size, lead.max_delay_ms, g, clients,
+                                       calls_per_client, graph_optimization))  # fmt: skip
     report("serving", len(plan), len(plan))
     best = _best(points, slo_ms)
     within = best is not None and best.p99_ms <= slo_ms
@@ -139,6 +162,17 @@ def search_serving(
         else "nothing measured"
     )
     return ServingSearch(best, tuple(points), clients, reason)
+
+
+def _check_groups(group_rows: Sequence[int]) -> list[int]:
+    """The distinct group sizes in order; each an integer >= 1."""
+    bad = [g for g in group_rows if isinstance(g, bool) or not isinstance(g, int) or g < 1]
+    if bad or not group_rows:
+        raise TunerError(
+            f"group_rows={tuple(group_rows)!r} is invalid: give one or more integers >= 1, "
+            "e.g. (2, 4, 8)"
+        )
+    return list(dict.fromkeys(group_rows))
 
 
 def _best(points: Sequence[ServingPoint], slo_ms: float) -> ServingPoint | None:
@@ -152,9 +186,10 @@ def _best(points: Sequence[ServingPoint], slo_ms: float) -> ServingPoint | None:
 def _label(p: ServingPoint | None) -> str:
     if p is None:
         return "-"
+    groups = f", length groups of {p.group_rows} rows" if p.group_rows else ""
     return (
         f"{p.threads} thread(s) x {p.batch_workers} worker(s), max batch {p.max_batch_size}, "
-        f"max delay {p.max_delay_ms:g} ms"
+        f"max delay {p.max_delay_ms:g} ms{groups}"
     )
 
 
@@ -166,6 +201,7 @@ def _measure(
     workers: int,
     batch: int,
     delay_ms: float,
+    group_rows: int,
     clients: int,
     calls: int,
     graph_optimization: str,
@@ -182,7 +218,9 @@ def _measure(
         def run_batch(feed: Feeds) -> list[np.ndarray]:
             batches.append(num_rows(feed))
             if mask:  # as a deployment of a config with trim_padding runs it
-                return run_by_length(lambda f: session.run(None, f), feed, mask)
+                return run_by_length(
+                    lambda f: session.run(None, f), feed, mask, group_rows=group_rows
+                )
             return [np.asarray(o) for o in session.run(None, feed)]
 
         batcher = DynamicBatcher(
@@ -229,4 +267,5 @@ def _measure(
         p50_ms=float(np.percentile(lat, 50)),
         p99_ms=float(np.percentile(lat, 99)),
         mean_batch=float(np.mean(batches)) if batches else 1.0,
+        group_rows=group_rows if batch > 1 and mask else 0,
     )

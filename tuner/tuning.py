@@ -290,7 +290,8 @@ def quick_options() -> dict[str, Any]:
     from tuner.candidates import SearchSpace
 
     space = SearchSpace(
-        dynamic_per_channel=(True,), dynamic_op_types=("all",), static_methods=("MinMax",),
+        dynamic_per_channel=(True,), dynamic_op_types=("all",), dynamic_smooth=(False,),
+        static_methods=("MinMax",),
         static_activation_types=("QUInt8",), static_op_types=("all",), prune_amounts=(),
         threads=(1,), spinning=(False,), max_batch_size=64,
     )  # fmt: skip
@@ -448,7 +449,8 @@ def serving_defaults(trial: Any, slo_ms: float) -> dict[str, Any]:
 
     ``max_delay_ms``: a batch may wait to fill for as long as its own run takes, and never so
     long that waiting plus the measured p95 of a full batch exceeds the SLO. ``batch_workers``:
-    as many concurrent batches as the tuned intra-op threads leave cores for.
+    as many concurrent batches as the tuned intra-op threads leave cores for. A configuration
+    searched under load (``serving``) is carried as measured, ``trim_group_rows`` included.
     """
     from tuner.onnx_tools import cpu_count
 
@@ -456,7 +458,10 @@ def serving_defaults(trial: Any, slo_ms: float) -> dict[str, Any]:
     if serving:  # measured under concurrent load: tune(serving_clients=...)
         runtime = {**trial.config.get("runtime", {}), **serving["runtime"]}
         keys = ("batch_size", "max_delay_ms", "batch_workers")
-        return {"runtime": runtime, **{k: serving[k] for k in keys}}
+        measured: dict[str, Any] = {"runtime": runtime, **{k: serving[k] for k in keys}}
+        if "trim_group_rows" in serving:  # searched only for a model with an attention mask
+            measured["trim_group_rows"] = serving["trim_group_rows"]
+        return measured
     threads = int(trial.config.get("runtime", {}).get("threads", 1) or 1)
     out: dict[str, Any] = {"batch_workers": max(1, cpu_count() // threads)}
     point = next((p for p in trial.curve if p.batch_size == trial.best_batch_size), None)

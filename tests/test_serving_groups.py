@@ -1,0 +1,147 @@
+"""Length groups as a serving knob: the search measures ``trim_group_rows``, a deployment of a
+registered version runs its padded batches in groups of that many rows, and a bad value in a
+config serves with the default (and says so in the log)."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from monitor import Monitor
+from monitor.settings import Settings
+from monitor.storage import Database
+from tuner import registry
+from tuner.onnx_tools import load_session
+
+SEQ = 12
+MASK = "attention_mask"
+
+
+def shape_revealing_onnx(path: Path) -> Path:
+    """``sums``: each row's masked token-id sum (it respects the mask, so trimming keeps it);
+    ``rows``: how many rows the session ran together, repeated on each row (what a caller sees
+    of the batch it rode in)."""
+    from onnx import TensorProto, helper
+
+    from tests.serving_models import _save
+
+    int64 = TensorProto.INT64
+    nodes = [
+        helper.make_node("Mul", ["input_ids", MASK], ["masked"]),
+        helper.make_node("Cast", ["masked"], ["masked_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["masked_f", "axis1"], ["sums"], keepdims=1),
+        helper.make_node("Shape", ["input_ids"], ["shape"]),
+        helper.make_node("Slice", ["shape", "zero", "one"], ["batch"]),
+        helper.make_node("Cast", ["batch"], ["batch_f"], to=TensorProto.FLOAT),
+        helper.make_node("Concat", ["batch", "one"], ["column"], axis=0),
+        helper.make_node("Expand", ["batch_f", "column"], ["rows"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rows",
+        [helper.make_tensor_value_info(n, int64, ["N", "S"]) for n in ("input_ids", MASK)],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 1]) for n in ("sums", "rows")],
+        [
+            helper.make_tensor("axis1", int64, [1], [1]),
+            helper.make_tensor("zero", int64, [1], [0]),
+            helper.make_tensor("one", int64, [1], [1]),
+        ],
+    )
+    return _save(graph, path)
+
+
+def ragged_rows(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Single-row feeds of natural lengths 2..SEQ, each only as long as its sentence."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for length in rng.integers(2, SEQ + 1, n):
+        ids = rng.integers(1, 100, (1, int(length))).astype(np.int64)
+        rows.append({"input_ids": ids, MASK: np.ones_like(ids)})
+    return rows
+
+
+def serve(url: str, tmp_path: Path, config: dict[str, Any], rows: list[Any]) -> list[Any]:
+    """Register the model with ``config``, deploy it and send every row at once."""
+    path = shape_revealing_onnx(tmp_path / "rows.onnx")
+    settings = Settings(database_url=url, artifacts_dir=str(tmp_path / "artifacts"))
+    db = Database(url)
+    registry.register("rows", path, config=config, db=db, settings=settings)
+    db.dispose()
+    with Monitor(url, sample_rate=0.0) as mon:
+        dep = mon.deployment("rows", poll_s=60)
+        with ThreadPoolExecutor(len(rows)) as pool:  # one full batch: all callers at once
+            outs = list(pool.map(dep, rows))
+        stats = dep.batching_stats()["champion"]
+        dep.close()
+    assert stats["batches"] == 1 and stats["items"] == len(rows)
+    session = load_session(path)
+    for row, out in zip(rows, outs, strict=True):
+        np.testing.assert_allclose(out[0], session.run(None, row)[0], rtol=1e-5, atol=1e-5)
+    return outs
+
+
+# Eight callers fill one batch of 8; a delay no test reaches means only a full batch runs.
+FULL_BATCH = {"batch_size": 8, "max_delay_ms": 600_000.0, "batch_workers": 1, "trim_padding": MASK}
+
+
+def test_a_deployment_runs_its_padded_batch_in_groups_of_trim_group_rows(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    outs = serve(sqlite_url, tmp_path, {**FULL_BATCH, "trim_group_rows": 2}, ragged_rows(8, 1))
+    assert [float(out[1][0, 0]) for out in outs] == [2.0] * 8
+
+
+def test_without_trim_group_rows_a_batch_of_8_runs_whole(sqlite_url: str, tmp_path: Path) -> None:
+    outs = serve(sqlite_url, tmp_path, FULL_BATCH, ragged_rows(8, 2))
+    assert [float(out[1][0, 0]) for out in outs] == [8.0] * 8
+
+
+@pytest.mark.parametrize("bad", ["x", 0, True, 2.5])
+def test_a_bad_trim_group_rows_serves_with_8_and_logs_the_value(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: object
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="tunewatch.deploy"):
+        outs = serve(sqlite_url, tmp_path, {**FULL_BATCH, "trim_group_rows": bad},
+                     ragged_rows(8, 3))  # fmt: skip
+    assert [float(out[1][0, 0]) for out in outs] == [8.0] * 8
+    (line,) = [r.getMessage() for r in caplog.records if "trim_group_rows" in r.getMessage()]
+    assert f"trim_group_rows={bad!r}" in line and "integer >= 1" in line
+
+
+def test_serving_search_measures_every_group_size_and_the_best_config_carries_it(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("transformers")
+    from tests.test_peers_candidates import MeanPooledBert, sentences
+    from tuner.onnx_tools import export_onnx
+    from tuner.serving_search import search_serving
+    from tuner.tuning import serving_defaults
+
+    feeds = sentences(16, 8)
+    axes = {name: {1: "sequence"} for name in feeds}
+    path = export_onnx(MeanPooledBert().eval(), sentences(2, 0), tmp_path / "bert.onnx",
+                       output_names=["embedding"], dynamic_axes=axes)  # fmt: skip
+    found = search_serving(path, feeds, slo_ms=10_000.0, mask=MASK, clients=4,
+                           calls_per_client=2, batch_sizes=(4,), delays_ms=(2.0,),
+                           group_rows=(2, 4, 8))  # fmt: skip
+    groups = [p.group_rows for p in found.points]
+    # The plan runs at groups of 8; only the best batched point is tried at 2 and 4.
+    assert sorted(g for g in groups if g != 8) == [2, 4] and groups.count(8) == len(groups) - 2
+    assert found.best is not None
+    config = found.best.to_config()
+    assert config["trim_group_rows"] in (2, 4, 8)
+    assert f"length groups of {config['trim_group_rows']} rows" in found.reason
+    # tuning.py registers the winner with the searched keys, the group size included.
+    winner = SimpleNamespace(config={"runtime": {"threads": 1}, "serving": config})
+    assert serving_defaults(winner, 10_000.0)["trim_group_rows"] == config["trim_group_rows"]
+    # Without a mask (or without batching) there is nothing to group: no extra points, no key.
+    plain = search_serving(path, feeds, slo_ms=10_000.0, clients=2, calls_per_client=1,
+                           batch_sizes=(1, 4), delays_ms=(2.0,))  # fmt: skip
+    assert all(p.group_rows == 0 for p in plain.points)
+    assert plain.best is not None and "trim_group_rows" not in plain.best.to_config()
