@@ -1,0 +1,114 @@
+"""Activation smoothing before dynamic int8: exact in float, more faithful once quantized."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tuner.batch_search import MeasureConfig  # noqa: E402
+from tuner.candidates import SearchSpace, enumerate_candidates  # noqa: E402
+from tuner.engine import tune  # noqa: E402
+from tuner.errors import TunerError  # noqa: E402
+from tuner.guard import Tolerance  # noqa: E402
+from tuner.onnx_tools import export_onnx, load_session  # noqa: E402
+from tuner.smoothing import channel_maxima, choose_smoothing, smooth_graph  # noqa: E402
+
+FAST = MeasureConfig(warmup_runs=1, window_runs=3, min_window_s=0.0, max_windows=3)
+OUTLIER = 300.0
+
+
+def outlier_inputs(rows: int, seed: int) -> np.ndarray:
+    """Rows whose channel 0 is 300x the others, like a transformer's outlier dimension."""
+    x = np.random.default_rng(seed).standard_normal((rows, 16)).astype(np.float32)
+    x[:, 0] *= OUTLIER
+    return x
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLP that reads every input channel equally (channel 0's weights scaled down)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)
+    ).eval()
+    with torch.no_grad():
+        model[0].weight[:, 0] /= OUTLIER
+    path = tmp_path_factory.mktemp("mlp") / "mlp.onnx"
+    return export_onnx(model, {"input": outlier_inputs(2, 0)}, path)
+
+
+def test_smoothing_leaves_the_float_outputs_unchanged(mlp: Path, tmp_path: Path) -> None:
+    from tuner.candidates import gemm_to_matmul
+
+    model = onnx.load(str(mlp))
+    gemm_to_matmul(model)
+    x = outlier_inputs(64, 1)
+    sites = [n.input[0] for n in model.graph.node if n.op_type == "MatMul"]
+    maxima = channel_maxima(model, sites, {"input": x})
+    assert maxima["input"][0] > 100 * np.median(maxima["input"])  # the outlier is seen
+    out = tmp_path / "smoothed.onnx"
+    assert smooth_graph(mlp, out, maxima, 0.5) == 2  # both layers' inputs
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("Mul") == 2 and "Gemm" not in ops
+    ref = load_session(mlp).run(None, {"input": x})[0]
+    got = load_session(out).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothed_candidate_is_more_faithful_than_the_plain_one(mlp: Path, tmp_path: Path) -> None:
+    space = SearchSpace(
+        fp32=False, dynamic_per_channel=(True,), dynamic_op_types=("matmul",),
+        dynamic_preprocess=(False,), dynamic_smooth=(False, True), fused_op_types=(),
+        static_methods=(), torch_dynamic=False, prune_amounts=(), gpu=False, threads=(1,),
+        spinning=(False,), max_batch_size=8,
+    )  # fmt: skip
+    result = tune(
+        mlp, calibration=outlier_inputs(64, 2), holdout=outlier_inputs(64, 3), slo_ms=1000.0,
+        workdir=tmp_path, space=space, measure=FAST, task="embedding",
+        tolerance=Tolerance(min_mean_cosine=0.999),
+    )  # fmt: skip
+    trials = {t.name: t for t in result.leaderboard}
+    plain, smoothed = trials["dynamic-s8-pc-matmul-raw"], trials["dynamic-s8-pc-matmul-raw-sq"]
+    assert smoothed.accuracy["mean_cosine"] > plain.accuracy["mean_cosine"]
+    assert not plain.passed and smoothed.passed, (plain.reason, smoothed.reason)
+    assert "smoothed 2 MatMul inputs, alpha" in smoothed.config["notes"]
+    assert result.winner is not None and result.winner.name == smoothed.name
+    # What was chosen is what ships: the artifact divides its inputs before quantizing them.
+    ops = [n.op_type for n in onnx.load(smoothed.artifact).graph.node]
+    assert ops.count("Mul") >= 2 and "DynamicQuantizeLinear" in ops
+
+
+def test_the_alpha_is_the_one_with_the_least_calibration_error(mlp: Path, tmp_path: Path) -> None:
+    from tuner.candidates import quantize_dynamic_model
+
+    choice = choose_smoothing(
+        mlp, tmp_path, {"input": outlier_inputs(32, 4)},
+        lambda src, out: quantize_dynamic_model(src, out, op_types="matmul"),
+        alphas=(0.2, 0.5, 0.8),
+    )  # fmt: skip
+    assert set(choice.errors) == {0.0, 0.2, 0.5, 0.8}
+    assert choice.errors[choice.alpha] == min(choice.errors[a] for a in (0.2, 0.5, 0.8))
+    assert choice.errors[choice.alpha] < choice.errors[0.0]
+    assert choice.path.exists() and f"alpha {choice.alpha:g}" in choice.note()
+
+
+def test_a_graph_without_weighted_matmuls_is_refused_by_name(tmp_path: Path) -> None:
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU()).eval()
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    path = export_onnx(conv, {"input": x}, tmp_path / "conv.onnx")
+    with pytest.raises(TunerError, match="conv.onnx has no MatMul with a constant weight"):
+        choose_smoothing(path, tmp_path / "w", {"input": x}, lambda s, o: s)
+
+
+def test_only_per_channel_dynamic_specs_are_smoothed() -> None:
+    space = SearchSpace(dynamic_per_channel=(True, False), dynamic_op_types=("matmul",),
+                        dynamic_preprocess=(False,), dynamic_smooth=(False, True))  # fmt: skip
+    specs, _ = enumerate_candidates(space, has_torch_module=False, providers=[], vnni=True)
+    names = {s.name for s in specs if s.kind == "dynamic"}
+    assert names == {"dynamic-s8-pc-matmul-raw", "dynamic-s8-matmul-raw",
+                     "dynamic-s8-pc-matmul-raw-sq"}  # fmt: skip
