@@ -260,9 +260,11 @@ def torch_contender(name: str, module: torch.nn.Module, note: str) -> Contender:
 
 
 def tunewatch_contender(
-    base: Path, calib: Feeds, holdout: Feeds, model: torch.nn.Module, quick: bool
-) -> tuple[Contender, TuneResult]:
-    """Tune from the source; the winner runs as the tuner hands it over (runner + config)."""
+    base: Path, calib: Feeds, holdout: Feeds, model: torch.nn.Module, quick: bool,
+    min_cosine: float = 0.99, label: str = "tunewatch winner", serving: bool = True,
+) -> tuple[Contender, TuneResult]:  # fmt: skip
+    """Tune from the source at a mean-cosine guard of ``min_cosine``; the winner runs as the
+    tuner hands it over (runner + config)."""
     space = SearchSpace(static_methods=(), torch_dynamic=False, prune_amounts=(), gpu=False)
     if quick:
         space = SearchSpace(
@@ -271,9 +273,10 @@ def tunewatch_contender(
             torch_dynamic=False, prune_amounts=(), gpu=False,
         )  # fmt: skip
     result = tune(
-        base, calibration=calib, holdout=holdout, slo_ms=SLO_MS, workdir=OUT / "tune",
-        torch_module=model, tolerance=Tolerance(min_mean_cosine=0.99), space=space,
-        measure=tb.tune_config(), progress=tb._progress("tunewatch"), serving_clients=CLIENTS,
+        base, calibration=calib, holdout=holdout, slo_ms=SLO_MS,
+        workdir=OUT / f"tune-{min_cosine:g}", torch_module=model,
+        tolerance=Tolerance(min_mean_cosine=min_cosine), space=space, measure=tb.tune_config(),
+        progress=tb._progress("tunewatch"), serving_clients=CLIENTS if serving else None,
     )  # fmt: skip
     if result.winner is None:
         raise SystemExit("tunewatch found no winner that passes the guard")
@@ -289,7 +292,8 @@ def tunewatch_contender(
     note = f"{winner.name}; tuned runtime {RuntimeOptions(**runtime).label()}"
     if winner.config.get("trim_padding"):
         note += "; padding trimmed per batch"
-    contender = Contender(f"tunewatch winner ({winner.name})", "int8", open_, note)
+    note += f"; guard mean cosine >= {min_cosine:.4f}"
+    contender = Contender(f"{label} ({winner.name})", "int8", open_, note)
     return replace(contender, path=Path(winner.artifact or "")), result
 
 
@@ -335,7 +339,8 @@ def serve_tunewatch(
     db.dispose()
     mon = Monitor(url)
     dep = mon.deployment("minilm", poll_s=60)
-    keys = ("runtime", "batch_size", "max_delay_ms", "batch_workers", "trim_padding")
+    keys = ("runtime", "batch_size", "max_delay_ms", "batch_workers", "trim_padding",
+            "trim_group_rows")  # fmt: skip
     applied = {k: config.get(k) for k in keys}
 
     def close() -> None:
@@ -377,6 +382,48 @@ def load_test(call: Call, rows: list[Feeds], clients: int, calls: int) -> dict[s
     }
 
 
+def capacity(
+    artifact: str, config: dict[str, Any], rows: list[Feeds], passes: int = 3
+) -> dict[str, float]:
+    """The winner's model alone, with no serving and no clients: sentences/s of one run at a
+    time on one core, and of two runs at once (one per core), on the natural-length rows
+    padded into the configured batches and run in its length groups, as a deployment does.
+
+    It bounds what any server of this model can reach on these cores.
+    """
+    import threading
+
+    from monitor.batching import pad_rows, run_by_length
+
+    mask = str(config.get("trim_padding") or "attention_mask")
+    group = int(config.get("trim_group_rows") or 8)
+    size = int(config.get("batch_size") or 16)
+    batches = [pad_rows(rows[i : i + size], mask) for i in range(0, len(rows), size)]
+    session = load_session(Path(artifact), RuntimeOptions(threads=1))
+
+    def sweep() -> None:
+        for _ in range(passes):
+            for b in batches:
+                run_by_length(lambda f: session.run(None, f), b, mask, group)
+
+    sweep()  # warm-up: first runs allocate
+
+    def timed(k: int) -> tuple[float, float]:
+        workers = [threading.Thread(target=sweep) for _ in range(k)]
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        wall = time.perf_counter() - t0
+        return k * passes * len(rows) / wall, (time.process_time() - cpu0) / wall
+
+    solo, solo_cpu = timed(1)
+    pair, pair_cpu = timed(2)
+    return {"solo": solo, "solo_cpu_per_wall": solo_cpu, "pair": pair,
+            "pair_cpu_per_wall": pair_cpu, "group_rows": group, "batch_size": size}  # fmt: skip
+
+
 def served(
     peer: tuple[str, Path], winner: tuple[str, dict[str, Any]], evaluation: Feeds,
     rounds: int, calls: int,
@@ -400,6 +447,7 @@ def served(
         stats = dep.batching_stats()
     finally:
         close()
+    cap = capacity(*winner, rows)
     med = {k: {m: float(np.median([p[m] for p in v])) for m in v[0]} for k, v in runs.items()}
     ratio = med["tunewatch"]["calls_per_s"] / med["peer"]["calls_per_s"]
     lines = [
@@ -426,6 +474,15 @@ def served(
         "",
         f"tunewatch / peer: **{ratio:.2f}x** calls/s; configuration applied: {applied}; "
         f"batcher: {stats.get('champion')}",
+        "",
+        f"The winner's model alone (no server, no clients; batches of {cap['batch_size']} "
+        f"natural-length rows in length groups of {cap['group_rows']}): one run at a time on "
+        f"one core {cap['solo']:.1f} sentences/s (cpu/wall {cap['solo_cpu_per_wall']:.2f}), "
+        f"two runs at once {cap['pair']:.1f}/s (cpu/wall {cap['pair_cpu_per_wall']:.2f}). "
+        f"1.5x the peer's served calls/s is {1.5 * med['peer']['calls_per_s']:.1f}/s: "
+        f"{1.5 * med['peer']['calls_per_s'] / cap['pair']:.2f}x what two runs at once reach "
+        "with nothing else running; tunewatch served "
+        f"{med['tunewatch']['calls_per_s'] / cap['pair']:.0%} of it.",
     ]
     return lines
 
@@ -571,11 +628,21 @@ def main() -> None:
         contenders.append(
             torch_contender("torch.compile fp32", torch.compile(model), "inductor, default mode")
         )
-    winner, result = tunewatch_contender(base, calib, holdout, model, args.quick)
-    contenders.append(winner)
     with torch.inference_mode():
         reference = model(**{k: torch.from_numpy(v) for k, v in evaluation.items()}).numpy()
     for c in contenders:
+        print("outputs:", c.name, flush=True)
+        c.outputs = embeddings(c, evaluation)
+    # The fidelity bar: the most faithful int8 peer's mean cosine on the evaluation rows.
+    bar = max(tb.cosine(reference, c.outputs).mean() for c in contenders
+              if c.precision == "int8" and c.outputs is not None)  # fmt: skip
+    winner, result = tunewatch_contender(base, calib, holdout, model, args.quick)
+    faithful, _ = tunewatch_contender(
+        base, calib, holdout, model, args.quick, min_cosine=float(np.floor(bar * 1e4) / 1e4),
+        label="tunewatch at the best peer's fidelity", serving=False,
+    )  # fmt: skip
+    for c in (winner, faithful):
+        contenders.append(c)
         print("outputs:", c.name, flush=True)
         c.outputs = embeddings(c, evaluation)
     for threads in sorted({1, cpu_count()}):
