@@ -77,7 +77,8 @@ def test_smoothed_candidate_is_more_faithful_than_the_plain_one(mlp: Path, tmp_p
     assert smoothed.accuracy["mean_cosine"] > plain.accuracy["mean_cosine"]
     assert not plain.passed and smoothed.passed, (plain.reason, smoothed.reason)
     assert "smoothed 2 MatMul inputs, alpha" in smoothed.config["notes"]
-    assert result.winner is not None and result.winner.name == smoothed.name
+    # It passes as built, with nothing left in float or rescaled per row.
+    assert not any(t.name.startswith(smoothed.name + "+") for t in result.leaderboard)
     # What was chosen is what ships: the artifact divides its inputs before quantizing them.
     ops = [n.op_type for n in onnx.load(smoothed.artifact).graph.node]
     assert ops.count("Mul") >= 2 and "DynamicQuantizeLinear" in ops
@@ -112,3 +113,62 @@ def test_only_per_channel_dynamic_specs_are_smoothed() -> None:
     names = {s.name for s in specs if s.kind == "dynamic"}
     assert names == {"dynamic-s8-pc-matmul-raw", "dynamic-s8-matmul-raw",
                      "dynamic-s8-pc-matmul-raw-sq"}  # fmt: skip
+
+
+def outlier_rows(rows: int, seed: int) -> np.ndarray:
+    """Rows of like magnitude, and every eighth row 1000x larger (a token outlier)."""
+    x = np.random.default_rng(seed).standard_normal((rows, 16)).astype(np.float32)
+    x[::8] *= 1000.0
+    return x
+
+
+@pytest.fixture(scope="module")
+def plain_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)
+    ).eval()
+    path = tmp_path_factory.mktemp("plain") / "mlp.onnx"
+    return export_onnx(model, {"input": outlier_rows(2, 0)}, path)
+
+
+def test_per_row_scales_leave_the_float_outputs_unchanged(plain_mlp: Path, tmp_path: Path) -> None:
+    from tuner.smoothing import per_token_graph
+
+    names = [n.name for n in onnx.load(str(plain_mlp)).graph.node if n.op_type == "Gemm"]
+    out = tmp_path / "scaled.onnx"
+    assert per_token_graph(plain_mlp, out, names) == 2
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("ReduceMax") == 2 and ops.count("Div") == 2
+    x = outlier_rows(32, 1)
+    ref = load_session(plain_mlp).run(None, {"input": x})[0]
+    got = load_session(out).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-3)
+    with pytest.raises(TunerError, match="no MatMul named \\['nope'\\] in mlp.onnx"):
+        per_token_graph(plain_mlp, tmp_path / "x.onnx", ["nope"])
+
+
+def test_a_candidate_failing_on_token_outliers_is_rescued_by_per_row_scales(
+    plain_mlp: Path, tmp_path: Path
+) -> None:
+    space = SearchSpace(
+        fp32=False, dynamic_per_channel=(True,), dynamic_op_types=("matmul",),
+        dynamic_preprocess=(False,), dynamic_smooth=(False,), fused_op_types=(),
+        static_methods=(), torch_dynamic=False, prune_amounts=(), gpu=False, threads=(1,),
+        spinning=(False,), max_batch_size=8,
+    )  # fmt: skip
+    result = tune(
+        plain_mlp, calibration=outlier_rows(64, 2), holdout=outlier_rows(64, 3), slo_ms=1000.0,
+        workdir=tmp_path, space=space, measure=FAST, task="embedding",
+        tolerance=Tolerance(min_mean_cosine=0.999),
+    )  # fmt: skip
+    trials = {t.name: t for t in result.leaderboard}
+    plain = trials["dynamic-s8-pc-matmul-raw"]
+    assert not plain.passed and "guard failed" in plain.reason
+    rescued = [t for t in result.leaderboard if "+pt" in t.name and t.passed]
+    assert rescued, [(t.name, t.reason) for t in result.leaderboard]
+    assert "per-row input scales on the" in rescued[0].config["notes"]
+    assert not any("+float" in t.name for t in result.leaderboard)  # no float needed
+    assert result.winner is not None and result.winner.name == rescued[0].name
+    ops = [n.op_type for n in onnx.load(rescued[0].artifact).graph.node]
+    assert "ReduceMax" in ops and "DynamicQuantizeLinear" in ops

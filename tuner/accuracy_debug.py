@@ -163,7 +163,10 @@ def rank_dynamic_damage(
     import onnx
     from onnx import numpy_helper
 
+    from tuner.candidates import gemm_to_matmul
+
     model = onnx.load(str(float_model))
+    gemm_to_matmul(model)  # as the quantizer does: Linear layers export as Gemm
     weights = {init.name: init for init in model.graph.initializer}
     nodes = [
         n

@@ -732,7 +732,7 @@ def _build_dynamic(spec: CandidateSpec, ctx: BuildContext) -> BuildOutput:
     """Dynamic int8 from the pre-processed base model, or from the exported one."""
     p = spec.params
     out = quantize_dynamic_model(
-        dynamic_source(spec, ctx),
+        _per_token(spec, ctx, dynamic_source(spec, ctx)),
         ctx.artifact(spec.name),
         per_channel=p["per_channel"],
         reduce_range=p["reduce_range"],
@@ -754,10 +754,25 @@ def dynamic_source(spec: CandidateSpec, ctx: BuildContext) -> Path:
     return ctx.preprocessed if spec.params.get("preprocess", True) else ctx.base
 
 
+def _per_token(spec: CandidateSpec, ctx: BuildContext, source: Path) -> Path:
+    """Return ``source``, or its copy with per-row input scales on ``per_token_nodes``."""
+    nodes = spec.params.get("per_token_nodes")
+    if not nodes:
+        return source
+    from tuner.smoothing import per_token_graph
+
+    out = ctx.artifact(spec.name, ".per-token.float.onnx")
+    per_token_graph(source, out, nodes)
+    return out
+
+
 def _float_note(params: Mapping[str, Any]) -> str:
-    """Say how many nodes a mixed-precision candidate keeps in float."""
+    """Say how many nodes a mixed-precision candidate keeps in float or scales per row."""
     excluded = params.get("nodes_to_exclude") or ()
-    return f"{len(excluded)} most damaged nodes left in float" if excluded else ""
+    scaled = params.get("per_token_nodes") or ()
+    notes = [f"{len(excluded)} most damaged nodes left in float"] if excluded else []
+    notes += [f"per-row input scales on the {len(scaled)} most damaged MatMuls"] if scaled else []
+    return "; ".join(notes)
 
 
 def _build_fused(spec: CandidateSpec, ctx: BuildContext) -> BuildOutput:
@@ -770,7 +785,7 @@ def _build_fused(spec: CandidateSpec, ctx: BuildContext) -> BuildOutput:
 
     p = spec.params
     out = quantize_dynamic_model(
-        ctx.fused,
+        _per_token(spec, ctx, ctx.fused),
         ctx.artifact(spec.name),
         per_channel=p["per_channel"],
         reduce_range=p["reduce_range"],

@@ -488,13 +488,23 @@ class _Search:
         except Exception as exc:  # the debug tools raise many unrelated types
             entry.note = f"accuracy debug failed: {type(exc).__name__}: {exc}"
             return []
+        # Dynamic candidates first try per-row input scales on the worst MatMuls (cheaper than
+        # float: on MiniLM it lifted mean cosine 0.9959 -> 0.9984 for 4 % of the speed, where
+        # three MatMuls in float cost 21 %), then float.
+        plans = [("nodes_to_exclude", "float", "left in float", nodes)
+                 for nodes in exclusion_plans(ranked, RETRY_FRACTIONS)]  # fmt: skip
+        if entry.spec.kind != "static":
+            scalable = [d for d in ranked if d.op_type == "MatMul"]
+            fractions = (*RETRY_FRACTIONS, 1.0)
+            plans = [("per_token_nodes", "pt", "per-row scales on", nodes)
+                     for nodes in exclusion_plans(scalable, fractions)] + plans  # fmt: skip
         retries: list[_Entry] = []
-        for excluded in exclusion_plans(ranked, RETRY_FRACTIONS):
-            params = {**entry.spec.params, "nodes_to_exclude": excluded}
-            name = f"{entry.spec.name}+float{len(excluded)}"
+        for key, tag, what, nodes in plans:
+            params = {**entry.spec.params, key: nodes}
+            name = f"{entry.spec.name}+{tag}{len(nodes)}"
             retry = self._build(replace(entry.spec, name=name, params=params), [])
-            retry.note = "left in float: " + ", ".join(
-                f"{d.node} ({d.sqnr_db:.1f} dB)" for d in ranked[: min(3, len(excluded))]
+            retry.note = f"{what}: " + ", ".join(
+                f"{d.node} ({d.sqnr_db:.1f} dB)" for d in ranked[: min(3, len(nodes))]
             )
             retries.append(retry)
             if retry.passed:
@@ -891,7 +901,7 @@ def trial_runner(trial: Trial, options: RuntimeOptions | None = None) -> Runner:
 def _retryable(e: _Entry) -> bool:
     """Return True for a quantized candidate that failed the guard and was not yet retried."""
     failed_guard = e.guard is not None and not e.guard.passed and not e.error
-    first_try = not e.spec.params.get("nodes_to_exclude")
+    first_try = not (e.spec.params.get("nodes_to_exclude") or e.spec.params.get("per_token_nodes"))
     quantized = e.spec.kind in ("static", "dynamic", "fused")
     return quantized and failed_guard and first_try and not e.duplicate_of
 

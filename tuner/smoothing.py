@@ -213,3 +213,56 @@ def _run(path: Path, feeds: Feeds) -> list[np.ndarray]:
     return [
         np.asarray(o) for o in session.run(None, {k: v for k, v in feeds.items() if k in names})
     ]
+
+
+def per_token_graph(source: Path, out: Path, nodes: Sequence[str]) -> int:
+    """Write ``source`` with per-row input scales on the MatMuls named ``nodes``; return how many.
+
+    Dynamic quantization gives a whole input tensor one scale, so one token with a large value
+    (a sentence's first, often) leaves every other token few levels; smoothing moves channel
+    outliers, not token ones. Each named MatMul's input is divided by its own per-row absolute
+    maximum, and the product is multiplied back: ``x W = d * ((x / d) W)`` with ``d`` per row,
+    exact in float, and every row then fills the int8 range. Costs an Abs, a ReduceMax, a Div
+    and a Mul per node, elementwise.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from tuner.candidates import gemm_to_matmul
+
+    model = onnx.load(str(source))
+    gemm_to_matmul(model)
+    wanted = set(nodes)
+    eps, axes = "per_token_epsilon", "per_token_axes"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1e-12, np.float32), eps))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
+        model.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), axes))
+    out_nodes: list[Any] = []
+    scaled = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.name not in wanted:
+            out_nodes.append(node)
+            continue
+        x, y, tag = node.input[0], node.output[0], f"{node.name}_per_token"
+        absolute, peak, d, xs, ys = (f"{tag}_{s}" for s in ("abs", "max", "scale", "in", "out"))
+        out_nodes += [
+            helper.make_node("Abs", [x], [absolute], name=f"{tag}_abs"),
+            helper.make_node("ReduceMax", [absolute, axes], [peak], name=f"{tag}_max", keepdims=1)
+            if opset >= 18
+            else helper.make_node(
+                "ReduceMax", [absolute], [peak], name=f"{tag}_max", axes=[-1], keepdims=1
+            ),
+            helper.make_node("Max", [peak, eps], [d], name=f"{tag}_floor"),
+            helper.make_node("Div", [x, d], [xs], name=f"{tag}_div"),
+        ]
+        node.input[0], node.output[0] = xs, ys
+        out_nodes += [node, helper.make_node("Mul", [ys, d], [y], name=f"{tag}_restore")]
+        scaled += 1
+    missing = wanted - {n.name for n in model.graph.node}
+    if missing:
+        raise TunerError(f"no MatMul named {sorted(missing)[:3]} in {source.name}")
+    del model.graph.node[:]
+    model.graph.node.extend(out_nodes)
+    onnx.save(model, str(out))
+    return scaled
