@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from monitor import Monitor, Settings, schema
-from monitor.registry import champion, list_versions
+from monitor.registry import champion, get_version, list_versions
 from monitor.storage import Database
 from tests.tuner_fixtures import dead_branch, export, load_digits_split, trained_mlp
 from tuner import registry
@@ -264,4 +264,39 @@ def test_a_failed_registration_leaves_no_artifact_behind(
         registry.register("digits", broken, version="v2", db=db, settings=settings)
     second = registry.register("digits", mlp_onnx[0], version="v2", db=db, settings=settings)
     assert Path(second.artifact_path).is_file()
+    db.dispose()
+
+
+def test_tune_cli_registers_the_serving_configuration_it_searched(
+    sqlite_url: str,
+    tmp_path: Path,
+    mlp_onnx: tuple[Path, np.ndarray],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = _settings(sqlite_url, tmp_path)
+    monkeypatch.setenv("TUNEWATCH_ARTIFACTS_DIR", settings.artifacts_dir)
+    db = Database(sqlite_url)
+    registry.register("digits", mlp_onnx[0], db=db, settings=settings)
+    _slow_champion(db, settings, mlp_onnx[0], tmp_path)
+    digits = load_digits_split()
+    data = tmp_path / "data.npz"
+    np.savez(data, input=digits.x_holdout[:128])
+    args = ["tune", "digits", "--dataset", str(data), "--quick", "--slo-ms", "50",
+            "--database-url", sqlite_url]  # fmt: skip
+    with pytest.raises(SystemExit) as bad:
+        main([*args, "--serving-clients", "0"])
+    assert bad.value.code == 2
+    assert "--serving-clients: '0' is not a number of clients: use a whole number from 1 to" in (
+        capsys.readouterr().err
+    )
+    assert main([*args, "--serving-clients", "4", "--json"]) == 0, capsys.readouterr().err
+    out = json.loads(capsys.readouterr().out)
+    searched = out["winner"]["config"]["serving"]
+    assert searched["search"]["clients"] == 4 and searched["search"]["points"]
+    # The registered version carries what the search chose, and a deployment reads it.
+    version = get_version(db, "digits", out["winner"]["version"])
+    for key in ("batch_size", "max_delay_ms", "batch_workers"):
+        assert version.config[key] == searched[key]
+    assert version.config["runtime"]["threads"] == searched["runtime"]["threads"]
     db.dispose()

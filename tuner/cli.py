@@ -42,6 +42,20 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def clients_count(text: str) -> int:
+    """Parse ``--serving-clients``: a whole number of concurrent callers, 1 to 1024."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of clients: use a whole number from 1 to 1024 "
+            "(how many concurrent single-row callers the serving search simulates)"
+        )
+    return value
+
+
 def db_id(value: int, what: str) -> int:
     """``value`` when it fits the database's ids (1 .. 2^63-1), else a clear TunerError."""
     if not 1 <= value <= MAX_ID:
@@ -387,6 +401,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         outcome = run_tuning(
             db, settings, args.name, slo_ms=args.slo_ms, objective=args.objective,
             dataset=args.dataset, progress=progress, quick=args.quick, min_gain=args.min_gain,
+            serving_clients=args.serving_clients,
         )  # fmt: skip
     if args.json:
         print_json(outcome.to_dict())
@@ -771,6 +786,10 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--min-gain", type=float, default=0.05,
                     help="register a winner only if it beats the champion's objective by this "
                          "fraction (default 0.05), or if the champion fails the guard")  # fmt: skip
+    tu.add_argument("--serving-clients", type=clients_count, metavar="N",
+                    help="search the winner's serving configuration (threads, workers, "
+                         "batch, delay, length groups) under N concurrent callers and "
+                         "register it")  # fmt: skip
     tu.set_defaults(func=cmd_tune)
 
     ex = sub.add_parser("experiment", help="start or stop an experiment", parents=[common])
