@@ -145,3 +145,33 @@ def test_serving_search_measures_every_group_size_and_the_best_config_carries_it
                            batch_sizes=(1, 4), delays_ms=(2.0,))  # fmt: skip
     assert all(p.group_rows == 0 for p in plain.points)
     assert plain.best is not None and "trim_group_rows" not in plain.best.to_config()
+
+
+def test_the_search_judges_its_finalists_by_the_median_of_repeated_runs(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from tests.test_peers_candidates import MeanPooledBert, sentences
+    from tuner.errors import TunerError
+    from tuner.onnx_tools import export_onnx
+    from tuner.serving_search import CONFIRM_TOP, search_serving
+
+    feeds = sentences(16, 8)
+    axes = {name: {1: "sequence"} for name in feeds}
+    path = export_onnx(MeanPooledBert().eval(), sentences(2, 0), tmp_path / "bert.onnx",
+                       output_names=["embedding"], dynamic_axes=axes)  # fmt: skip
+    found = search_serving(path, feeds, slo_ms=10_000.0, mask=MASK, clients=4,
+                           calls_per_client=2, batch_sizes=(1, 4), delays_ms=(1.0, 2.0),
+                           group_rows=(2, 4), confirm_rounds=2)  # fmt: skip
+    finalists = min(CONFIRM_TOP, len(found.points))
+    assert len(found.confirmations) == 2 * finalists
+    assert found.best is not None and "(medians of 3 runs)" in found.reason
+    runs = [p for p in (*found.points, *found.confirmations) if _same(p, found.best)]
+    assert len(runs) == 3
+    assert found.best.throughput == pytest.approx(float(np.median([p.throughput for p in runs])))
+    assert found.to_dict()["confirmations"]
+    with pytest.raises(TunerError, match="confirm_rounds=-1 not negative"):
+        search_serving(path, feeds, slo_ms=1.0, mask=MASK, confirm_rounds=-1)
+
+
+def _same(a: Any, b: Any) -> bool:
+    keys = ("threads", "batch_workers", "max_batch_size", "max_delay_ms", "group_rows")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
