@@ -24,7 +24,7 @@ from monitor.labels import REQUEST, check_ids, request_context
 from monitor.settings import Settings
 from monitor.storage import Database, ensure_schema, redact
 from monitor.telemetry import build_meter_provider, build_tracer_provider, current_parent, emit_span
-from monitor.writer import CANCELLED, DROP_PREFIX, Key, LogBatch, Writer
+from monitor.writer import CANCELLED, CAPPED, DROP_PREFIX, Key, LogBatch, Writer
 
 log = logging.getLogger("tunewatch")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -385,11 +385,19 @@ class Instrumented:
                 return
             r = random()
             ctx = _request()  # None unless the caller set mon.context(...)
+            payload = None
+            if error is None and (r < self._srate or (ctx is not None and ctx.sample)):
+                w = self._mon._writer
+                # This minute's cap already spent: say so, copy nothing (a forced sample is
+                # kept beyond the cap).
+                if (ctx is None or not ctx.sample) and w.spent.get(self._key) == (
+                    t0 + w._wall_offset_ns
+                ) // 60_000_000_000:
+                    payload = CAPPED
+                else:
+                    payload = self._snapshot(args, kwargs, result, ctx)
             q.append((
-                self._key, t0, dt, batch_size_of(args, kwargs), error,
-                self._snapshot(args, kwargs, result, ctx)
-                if error is None and (r < self._srate or (ctx is not None and ctx.sample))
-                else None,
+                self._key, t0, dt, batch_size_of(args, kwargs), error, payload,
                 (current_parent() or True) if r < self._trate else None,
             ))  # fmt: skip
         except Exception:  # monitoring never raises into the caller

@@ -28,6 +28,8 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import Status, StatusCode
 
 SPAN_NAME = "tunewatch.call"
+# The payload slot of a sampled call whose key had already spent this minute's sample cap.
+CAPPED = ("capped",)
 CANCELLED = "cancelled"  # the error slot of a cancelled await: a span, no latency, no error
 
 

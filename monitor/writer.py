@@ -30,7 +30,7 @@ from monitor.features import RowSample, named_inputs, sample_rows
 from monitor.labels import row_ids
 from monitor.settings import Settings
 from monitor.storage import Database, ensure_schema, insert_rows
-from monitor.telemetry import CANCELLED
+from monitor.telemetry import CANCELLED, CAPPED
 
 log = logging.getLogger("tunewatch.writer")
 
@@ -148,6 +148,9 @@ class Writer:
         self._shadow_dirty: set[tuple[int, int]] = set()
         self._drop_lock = threading.Lock()
         self._minute: dict[Key, tuple[int, int]] = {}
+        # The minute (wall_ns // 60e9) whose sample cap a key has spent: the call path reads it
+        # and sends CAPPED instead of copying rows the writer would drop.
+        self.spent: dict[Key, int] = {}
         # Wall clock of the monotonic clock's zero, so the hot path needs one clock read.
         self._wall_offset_ns = time.time_ns() - time.perf_counter_ns()
         self._wake = threading.Event()
@@ -179,7 +182,7 @@ class Writer:
         self._flush_seq = self._done_seq = 0
         self.instance_id = f"{self.instance_id[:8]}{os.getpid():08x}"[:16]
         # Everything pending is the parent's to write: the child starts empty.
-        self.counters, self.totals, self._minute = {}, {}, {}
+        self.counters, self.totals, self._minute, self.spent = {}, {}, {}, {}
         self._shadow, self._shadow_dirty = {}, set()
         self._samples, self._spans = [], []
         self._extras.clear()
@@ -293,6 +296,9 @@ class Writer:
                 group[1].append(items)
                 if error is not None:
                     group[2].append(error)
+            if payload is CAPPED:  # sampled, but the minute's cap was already spent
+                self.count("samples_capped")
+                payload = None
             if payload is not None or span_ctx is not None:
                 self._defer(key, wall, dt, items, error, payload, span_ctx)
         for slot, (dts, items_list, errors) in groups.items():
@@ -363,6 +369,7 @@ class Writer:
             room = max(room, items, 1)
         if room <= 0:
             self.count("samples_capped")
+            self.spent[key] = minute
             return
         raw_max = self.settings.raw_row_max_bytes if self.settings.raw_reservoir_mb > 0 else 0
         rows = sample_rows(
@@ -371,6 +378,8 @@ class Writer:
             output_kind=key.output_kind, feature_names=key.feature_names,
         )  # fmt: skip
         self._minute[key] = (minute, used + len(rows))
+        if used + len(rows) >= self.settings.sample_cap_per_minute:
+            self.spent[key] = minute
         ts = datetime.fromtimestamp(wall_ns / 1e9, timezone.utc)
         # Ids of the stored rows only: a 6.5M-row call must not build 6.5M ids.
         ids = row_ids(request_id, max(items, len(rows)), first=len(rows))

@@ -269,3 +269,35 @@ def test_torch_methods_that_return_the_module_return_the_wrapper(sqlite_url: str
             chained(torch.randn(2, 4))
         row = _summary(mon, "proxied")
     assert row["calls"] == 3  # telemetry kept working after .eval() and .to()
+
+
+class _CountedCopies:
+    """An array-like input that counts how often something reads its values."""
+
+    reads = 0
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        _CountedCopies.reads += 1
+        return np.zeros((4, 2))
+
+
+def test_a_spent_sample_cap_copies_nothing_on_the_call_path(sqlite_url: str) -> None:
+    import time
+
+    for _ in range(3):  # a minute boundary between the calls gives a fresh cap: try again
+        minute = time.time() // 60
+        with Monitor(sqlite_url, sample_rate=1.0, sample_cap_per_minute=4) as mon:
+            wrapped = mon.wrap(lambda x: 1, name=f"spent{int(minute)}", version="v1")
+            wrapped(np.zeros((4, 2)))  # four rows: the minute's cap is spent
+            mon.flush()
+            _CountedCopies.reads = 0
+            for _ in range(10):
+                assert wrapped(_CountedCopies()) == 1
+            mon.flush()
+            status = summarize(mon.db, model=f"spent{int(minute)}", window=timedelta(days=1))
+        if time.time() // 60 == minute:
+            break
+    assert _CountedCopies.reads == 0  # sampled, but nothing was copied
+    (row,) = status.models
+    assert row.calls == 11 and row.samples == 4
+    assert status.samples_capped >= 10  # each capped call is still counted
