@@ -188,3 +188,40 @@ def test_the_weights_variants_are_what_the_tests_say() -> None:
     truth = (x @ WEIGHTS).argmax(axis=1)
     assert np.array_equal((x @ rolled(WEIGHTS)).argmax(axis=1), (truth + 1) % WEIGHTS.shape[1])
     assert 0.8 < np.mean((x @ degraded(WEIGHTS)).argmax(axis=1) == truth) < 0.95
+
+
+def test_replays_reuse_a_verified_session_and_still_refuse_a_swapped_file(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from monitor.registry import get_version
+    from tuner.errors import ArtifactError
+
+    settings, db = setup(sqlite_url, tmp_path)
+    v2 = derive(db, settings, tmp_path, "faithful", lambda w: w)
+    source, derived = get_version(db, "clf", "v1"), get_version(db, "clf", v2)
+    first = fidelity.verified_session(source)
+    assert fidelity.verified_session(source) is first  # built once per sha256
+    assert fidelity.verified_session(derived) is not first
+    x = {"x": np.ones((2, IN), np.float32)}
+    np.testing.assert_allclose(first.run(None, x)[0], x["x"] @ WEIGHTS, rtol=1e-5)
+    # The bytes are checked on every call: a swapped file is refused, cached session or not.
+    Path(source.artifact_path).write_bytes(Path(derived.artifact_path).read_bytes())
+    with pytest.raises(ArtifactError):
+        fidelity.verified_session(source)
+    db.dispose()
+
+
+def test_the_first_check_after_a_promotion_replays_the_rows_served_in_its_experiment(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from tuner import experiments
+
+    settings, db = setup(sqlite_url, tmp_path)
+    v2 = derive(db, settings, tmp_path, "faithful", lambda w: w)
+    experiments.start(db, "clf", v2, share=0.5, min_samples=200)
+    serve(sqlite_url, 160)  # about 80 calls on the challenger arm
+    make_champion(db, v2)  # promoted: no call has reached it as champion yet
+    check = fidelity.check_champion(db, settings, "clf")
+    assert check.replay.status == "ok" and check.replay.passed, check.replay.message
+    assert check.replay.version == v2 and check.replay.rows >= fidelity.MIN_ROWS
+    db.dispose()

@@ -11,6 +11,8 @@ tolerance); experiments replay each arm's inputs the same way (see :mod:`tuner.a
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -32,7 +34,10 @@ log = logging.getLogger("tunewatch.fidelity")
 
 KIND = "fidelity_drop"
 MIN_ROWS = 30  # fewer replayed rows say too little about a version's fidelity
-SERVED_ARMS = ("champion", "main")  # where a champion's own traffic is recorded
+# Where a champion's traffic is recorded: its own arm, an undeployed wrap's, and the challenger
+# share it served in the experiment that promoted it (the same artifact on live inputs), so
+# the first check after a promotion has rows; replay takes the newest first.
+SERVED_ARMS = ("champion", "main", "challenger")
 # The guard metric that judges each task, whether higher is better, and its tolerance field.
 HEADLINE: dict[str, tuple[str, bool, str]] = {
     "classification": ("top1_agreement", True, "min_top1_agreement"),
@@ -167,8 +172,18 @@ def _feeds(rows: list[SampleRow], artifact: Any) -> dict[str, np.ndarray]:
     return {spec.name: np.stack([a[spec.name] for a in arrays]) for spec in inputs}
 
 
+# Sessions built from verified bytes, by sha256: the analysis and fidelity jobs replay the
+# same few artifacts every minute, and building a session costs more than checking the hash.
+_SESSIONS: OrderedDict[str, Any] = OrderedDict()
+_SESSIONS_LOCK = threading.Lock()
+MAX_CACHED_SESSIONS = 8
+
+
 def verified_session(info: VersionInfo) -> Any:
     """An ONNX Runtime session (one thread) built from the very bytes whose sha256 was checked.
+
+    The bytes are read and checked on every call; a session built earlier from bytes with the
+    same sha256 is reused (at most ``MAX_CACHED_SESSIONS`` are kept).
 
     Raises:
         ArtifactError: the artifact is missing, corrupted or swapped.
@@ -178,8 +193,19 @@ def verified_session(info: VersionInfo) -> Any:
     from monitor.deploy import session_options
     from tuner.registry import verified_bytes
 
+    data = verified_bytes(info)  # raises unless the file's sha256 is the recorded one
+    with _SESSIONS_LOCK:
+        session = _SESSIONS.get(info.sha256)
+        if session is not None:
+            _SESSIONS.move_to_end(info.sha256)
+            return session
     options = session_options({"threads": 1})  # off the serving path: leave cores to it
-    return ort.InferenceSession(verified_bytes(info), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    with _SESSIONS_LOCK:
+        _SESSIONS[info.sha256] = session
+        while len(_SESSIONS) > MAX_CACHED_SESSIONS:
+            _SESSIONS.popitem(last=False)
+    return session
 
 
 def run_model(info: VersionInfo, feeds: dict[str, np.ndarray], chunk: int = 64) -> np.ndarray:
