@@ -296,7 +296,7 @@ class Deployment:
                 return await loop.run_in_executor(None, contextvars.copy_context().run, call, feed)
 
             return _Arm(call, acall)
-        from monitor.batching import DynamicBatcher, pad_rows, run_by_length
+        from monitor.batching import DynamicBatcher, LengthGroups, pad_rows
 
         delay = float(self._max_delay if self._max_delay is not None
                       else info.config.get("max_delay_ms", 5.0))  # fmt: skip
@@ -305,10 +305,14 @@ class Deployment:
         stack: Callable[[Any], Any] = _concat_rows
         mask = info.config.get("trim_padding")
         if mask:  # the tuner proved the outputs respect the mask: pad ragged rows, run by length
-            group = _group_rows(info)
-            run = lambda feed: run_by_length(  # noqa: E731
-                lambda f: session.run(None, f), feed, mask, group_rows=group
-            )
+            threads = int((info.config.get("runtime") or {}).get("threads") or 1)
+
+            def open_session(n: int) -> Any:
+                return session if n == threads else _session(info, threads=n)
+
+            groups = LengthGroups(open_session, mask, _group_rows(info), threads)
+            closers.append(groups.close)
+            run = groups
             stack = lambda items: pad_rows(items, mask)  # noqa: E731
         batcher: Any = DynamicBatcher(
             run, max_batch_size=max(1, batch),
@@ -468,12 +472,16 @@ def _as_feed(feed: Any, names: list[str]) -> Any:
     raise ConfigError(f"this model takes inputs {names}: pass a dict of arrays by input name")
 
 
-def _session(info: VersionInfo) -> Any:
-    """An ONNX Runtime session for a verified artifact with the tuned runtime options."""
+def _session(info: VersionInfo, threads: int | None = None) -> Any:
+    """An ONNX Runtime session for a verified artifact with the tuned runtime options
+    (``threads`` intra-op threads instead of the tuned count when given)."""
     import onnxruntime as ort
 
     model_bytes = read_verified(info)  # the session is built from the bytes that were hashed
-    runtime = info.config.get("runtime") or {}
+    runtime = dict(info.config.get("runtime") or {})
+    if threads is not None:
+        runtime["threads"] = threads
+        runtime["spinning"] = bool(runtime.get("spinning")) and threads > 1
     options = session_options(runtime)
     provider = str(runtime.get("provider") or "CPUExecutionProvider")
     if provider not in ort.get_available_providers():

@@ -102,6 +102,38 @@ def test_without_trim_group_rows_a_batch_of_8_runs_whole(sqlite_url: str, tmp_pa
     assert [float(out[1][0, 0]) for out in outs] == [8.0] * 8
 
 
+def test_with_two_threads_the_groups_of_a_batch_run_at_once_on_one_thread_each(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    # A batch of 8 is one group of 8; with two tuned threads it runs as two groups of 4, at
+    # once, each on a single-threaded run (ORT's intra-op threads share small groups badly).
+    config = {**FULL_BATCH, "runtime": {"threads": 2}}
+    outs = serve(sqlite_url, tmp_path, config, ragged_rows(8, 4))
+    assert [float(out[1][0, 0]) for out in outs] == [4.0] * 8
+
+
+def test_length_groups_answer_in_order_at_every_batch_size(tmp_path: Path) -> None:
+    from monitor.batching import LengthGroups, pad_rows
+
+    path = shape_revealing_onnx(tmp_path / "rows.onnx")
+    opened: list[int] = []
+
+    def open_session(threads: int) -> Any:
+        opened.append(threads)
+        return load_session(path)
+
+    groups = LengthGroups(open_session, MASK, group_rows=4, threads=2)
+    reference = load_session(path)
+    for n in (1, 2, 3, 9, 17):
+        rows = ragged_rows(n, 10 + n)
+        outs = groups(pad_rows(rows, MASK))
+        expected = np.concatenate([reference.run(None, r)[0] for r in rows])
+        np.testing.assert_allclose(outs[0], expected, rtol=1e-6)
+    # One single-threaded session for the groups; the two-thread one only for a lone row.
+    assert opened == [1, 2]
+    groups.close()
+
+
 @pytest.mark.parametrize("bad", ["x", 0, True, 2.5])
 def test_a_bad_trim_group_rows_serves_with_8_and_logs_the_value(
     sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: object

@@ -16,13 +16,13 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from monitor.batching import run_by_length
+from monitor.batching import LengthGroups
 from tuner.errors import ArtifactError, TunerError
 from tuner.onnx_tools import (
     CPU,
@@ -897,20 +897,26 @@ class OrtRunner:
     sorted by real length and run in groups of ``GROUP_ROWS``, each trimmed to its longest row
     (:func:`tuner.onnx_tools.trim_padding`), and the outputs come back in the caller's order:
     the model computes the sentences' tokens, not the padding. Smaller batches are trimmed
-    whole.
+    whole. With more than one thread the groups run at once, one single-threaded run per core
+    (:class:`monitor.batching.LengthGroups`), as a deployment of the same config runs them.
     """
 
     def __init__(self, path: Path, options: RuntimeOptions, trim: str | None = None) -> None:
-        self.session = load_session(path, options)
         self.trim = trim
+        self.groups: LengthGroups | None = None
+        if trim:
+            self.groups = LengthGroups(
+                lambda threads: load_session(path, replace(
+                    options, threads=threads, spinning=options.spinning and threads > 1)),
+                trim, GROUP_ROWS, options.threads,
+            )  # fmt: skip
+        else:
+            self.session = load_session(path, options)
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
         """Run one batch."""
-        if not self.trim:
-            return self._run(feeds)
-        return run_by_length(self._run, feeds, self.trim, GROUP_ROWS)
-
-    def _run(self, feeds: Feeds) -> list[np.ndarray]:
+        if self.groups is not None:
+            return self.groups(feeds)
         return [np.asarray(out) for out in self.session.run(None, feeds)]
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.batching import pad_rows, run_by_length
+from monitor.batching import LengthGroups, pad_rows
 from tuner.errors import TunerError
 from tuner.onnx_tools import Feeds, RuntimeOptions, cpu_count, load_session, num_rows, trim_padding
 
@@ -250,14 +250,19 @@ def _measure(
     session = load_session(path, options)
     batches: list[int] = []
     batcher: Any = None
+    groups: LengthGroups | None = None
     if batch > 1:
+        if mask:  # as a deployment of a config with trim_padding runs it
+
+            def open_session(n: int) -> Any:
+                return session if n == threads else load_session(path, replace(options, threads=n))
+
+            groups = LengthGroups(open_session, mask, group_rows, threads)
 
         def run_batch(feed: Feeds) -> list[np.ndarray]:
             batches.append(num_rows(feed))
-            if mask:  # as a deployment of a config with trim_padding runs it
-                return run_by_length(
-                    lambda f: session.run(None, f), feed, mask, group_rows=group_rows
-                )
+            if groups is not None:
+                return groups(feed)
             return [np.asarray(o) for o in session.run(None, feed)]
 
         batcher = DynamicBatcher(
@@ -294,6 +299,8 @@ def _measure(
     wall = time.perf_counter() - began
     if batcher is not None:
         batcher.close()
+    if groups is not None:
+        groups.close()
     lat = np.concatenate([np.asarray(x) for x in latencies]) * 1e3
     return ServingPoint(
         threads=threads,
