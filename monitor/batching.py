@@ -199,7 +199,10 @@ def run_by_length(
         return [np.asarray(o) for o in run(trim_padding(part, mask))]
 
     groups = np.array_split(order, count)
-    parts = list(pool.map(one, groups)) if pool is not None else [one(g) for g in groups]
+    if pool is not None:  # longest groups first, so no core is left idle behind the last one
+        parts = list(pool.map(one, groups[::-1]))[::-1]
+    else:
+        parts = [one(g) for g in groups]
     inverse = np.empty_like(order)
     inverse[order] = np.arange(rows)
     return [np.concatenate([p[i] for p in parts])[inverse] for i in range(len(parts[0]))]
