@@ -729,8 +729,15 @@ def _build_fp32(spec: CandidateSpec, ctx: BuildContext) -> BuildOutput:
 
 
 def _build_dynamic(spec: CandidateSpec, ctx: BuildContext) -> BuildOutput:
-    """Dynamic int8 from the pre-processed base model, or from the exported one."""
+    """Dynamic int8 from the pre-processed, exported, smoothed or transformer-fused graph.
+
+    The fused graph needs ``DefaultTensorType`` set: without it the quantizer stops, since the
+    com.microsoft ops' outputs have no inferred type.
+    """
+    import onnx
+
     p = spec.params
+    fused = spec.kind == "fused"
     out = quantize_dynamic_model(
         _per_token(spec, ctx, dynamic_source(spec, ctx)),
         ctx.artifact(spec.name),
@@ -739,9 +746,11 @@ def _build_dynamic(spec: CandidateSpec, ctx: BuildContext) -> BuildOutput:
         op_types=p["op_types"],
         weight_type=p["weight_type"],
         nodes_to_exclude=p.get("nodes_to_exclude", ()),
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT} if fused else None,
     )
     smooth = ctx.smoothed(p).note() if p.get("smooth") else ""
-    notes = "; ".join(filter(None, [smooth, _float_note(p)]))
+    counts = f"fused ops {ctx.fused_counts}" if fused else ""
+    notes = "; ".join(filter(None, [smooth, _float_note(p), counts]))
     return out, "onnxruntime", notes, {}
 
 
@@ -773,29 +782,6 @@ def _float_note(params: Mapping[str, Any]) -> str:
     notes = [f"{len(excluded)} most damaged nodes left in float"] if excluded else []
     notes += [f"per-row input scales on the {len(scaled)} most damaged MatMuls"] if scaled else []
     return "; ".join(notes)
-
-
-def _build_fused(spec: CandidateSpec, ctx: BuildContext) -> BuildOutput:
-    """Dynamic int8 of ORT's transformer-fused graph, with ``DefaultTensorType`` set.
-
-    Without a default tensor type the quantizer stops on the fused graph: the com.microsoft
-    ops' outputs have no inferred type.
-    """
-    import onnx
-
-    p = spec.params
-    out = quantize_dynamic_model(
-        _per_token(spec, ctx, ctx.fused),
-        ctx.artifact(spec.name),
-        per_channel=p["per_channel"],
-        reduce_range=p["reduce_range"],
-        op_types=p["op_types"],
-        weight_type=p["weight_type"],
-        nodes_to_exclude=p.get("nodes_to_exclude", ()),
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
-    notes = "; ".join(filter(None, [_float_note(p), f"fused ops {ctx.fused_counts}"]))
-    return out, "onnxruntime", notes, {}
 
 
 def _build_static(spec: CandidateSpec, ctx: BuildContext) -> BuildOutput:
@@ -870,7 +856,7 @@ def _build_fp16(spec: CandidateSpec, ctx: BuildContext) -> BuildOutput:
 _BUILDERS = {
     "fp32": _build_fp32,
     "dynamic": _build_dynamic,
-    "fused": _build_fused,
+    "fused": _build_dynamic,
     "static": _build_static,
     "torch_dynamic": _build_torch_dynamic,
     "pruned": _build_pruned,

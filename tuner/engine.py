@@ -493,7 +493,8 @@ class _Search:
         # three MatMuls in float cost 21 %), then float.
         plans = [("nodes_to_exclude", "float", "left in float", nodes)
                  for nodes in exclusion_plans(ranked, RETRY_FRACTIONS)]  # fmt: skip
-        if entry.spec.kind != "static":
+        # Per-row scales fix activation error; per-tensor weights' error needs float.
+        if entry.spec.kind != "static" and p.get("per_channel", True):
             scalable = [d for d in ranked if d.op_type == "MatMul"]
             fractions = (*RETRY_FRACTIONS, 1.0)
             plans = [("per_token_nodes", "pt", "per-row scales on", nodes)
