@@ -191,24 +191,12 @@ def _intermediates(
     model: Any, names: Sequence[str], feeds: Mapping[str, np.ndarray], max_rows: int
 ) -> dict[str, np.ndarray]:
     """Return float values of graph tensors ``names`` on the first rows of ``feeds``."""
-    import onnx
-    import onnxruntime as ort
+    from tuner.onnx_tools import exposing_session
 
-    graph_inputs = {i.name for i in model.graph.input}
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    known = {o.name for o in exposed.graph.output}
-    wanted = [n for n in names if n not in graph_inputs]
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in known)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        exposed.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session, wanted = exposing_session(model, names)
     sample = take_rows(feeds, slice(0, max_rows))
     values = dict(zip(wanted, session.run(wanted, sample), strict=True)) if wanted else {}
-    values.update({n: sample[n] for n in names if n in graph_inputs and n in sample})
+    values.update({n: sample[n] for n in names if n not in wanted and n in sample})
     return {k: np.asarray(v, dtype=np.float32) for k, v in values.items()}
 
 

@@ -182,6 +182,29 @@ def as_feeds(data: Mapping[str, np.ndarray] | np.ndarray, specs: Sequence[InputS
     return feeds
 
 
+def exposing_session(model: Any, names: Sequence[str]) -> tuple[Any, list[str]]:
+    """An unoptimized single-threaded session of ``model`` (an ``onnx.ModelProto``) that also
+    outputs the graph tensors ``names``; returns it and the names it can output (graph inputs
+    are not outputs: read them from the feeds)."""
+    import onnx
+    import onnxruntime as ort
+
+    inputs = {i.name for i in model.graph.input}
+    wanted = [n for n in names if n not in inputs]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    known = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in known)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        exposed.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session, wanted
+
+
 def num_rows(feeds: Mapping[str, np.ndarray]) -> int:
     """Return the number of samples (first axis) in a feeds dict."""
     return int(next(iter(feeds.values())).shape[0])

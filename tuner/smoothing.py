@@ -74,27 +74,14 @@ def channel_maxima(model: Any, names: Sequence[str], feeds: Feeds) -> dict[str, 
     Rows run in chunks; where a tensor has the attention mask's (batch, sequence) axes only
     the real tokens count, since padding never reaches the outputs.
     """
-    import onnx
-    import onnxruntime as ort
+    from tuner.onnx_tools import exposing_session
 
-    inputs = {i.name for i in model.graph.input}
-    wanted = [n for n in names if n not in inputs]
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    known = {o.name for o in exposed.graph.output}
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in known)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        exposed.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session, wanted = exposing_session(model, names)
     maxima: dict[str, np.ndarray] = {}
     for start in range(0, num_rows(feeds), CHUNK_ROWS):
         part = take_rows(feeds, slice(start, start + CHUNK_ROWS))
         values = dict(zip(wanted, session.run(wanted, part), strict=True)) if wanted else {}
-        values.update({n: part[n] for n in names if n in inputs and n in part})
+        values.update({n: part[n] for n in names if n not in wanted and n in part})
         mask = part.get(MASK)
         for name, value in values.items():
             x = np.abs(np.asarray(value, dtype=np.float32))

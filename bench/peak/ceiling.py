@@ -92,21 +92,12 @@ def _run_shapes(
     model: Any, names: list[str], feeds: Mapping[str, np.ndarray]
 ) -> dict[str, tuple[int, ...]]:
     """Return the shapes of ``names`` by running the graph once in ORT, unoptimized."""
-    import onnx
-    import onnxruntime as ort
+    from tuner.onnx_tools import exposing_session
 
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    known = {o.name for o in exposed.graph.output}
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(
-        exposed.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    values = session.run(names, dict(feeds))
-    return {n: tuple(np.asarray(v).shape) for n, v in zip(names, values, strict=True)}
+    session, wanted = exposing_session(model, names)
+    values = dict(zip(wanted, session.run(wanted, dict(feeds)), strict=True)) if wanted else {}
+    values.update({n: feeds[n] for n in names if n not in wanted and n in feeds})
+    return {n: tuple(np.asarray(v).shape) for n, v in values.items()}
 
 
 def _shapes(model: Any) -> dict[str, tuple[int, ...]]:
