@@ -383,8 +383,12 @@ class LatencyEffect:
     reason: str
 
     def to_dict(self) -> dict[str, object]:
-        """Plain, JSON-serialisable fields (intervals become lists)."""
-        return _with_list_intervals(asdict(self))
+        """Plain, JSON-serialisable fields (intervals become lists), with ``effect``: the
+        median factor and its interval in the verdict's direction (see :meth:`effect`)."""
+        out = _with_list_intervals(asdict(self))
+        eff = self.effect()
+        out["effect"] = {"estimate": eff[1], "ci": list(eff[2])} if eff else None
+        return out
 
     def effect(self) -> tuple[str, float, tuple[float, float]] | None:
         """The median effect in the verdict's direction: ``("faster", 1.36, (1.35, 1.38))``.
@@ -393,10 +397,8 @@ class LatencyEffect:
         """
         if self.median_ratio is None or self.median_ci is None:
             return None
-        lo, hi = self.median_ci
-        if self.direction == "faster":
-            return "faster", 1.0 / self.median_ratio, (1.0 / hi, 1.0 / lo)
-        return "slower", self.median_ratio, (lo, hi)
+        factor, ci = directed(self.median_ratio, self.median_ci, self.direction == "faster")
+        return ("faster" if self.direction == "faster" else "slower"), factor, ci
 
 
 def latency_effect(
@@ -499,6 +501,16 @@ def format_p(p: float) -> str:
     return f"p={p:.2g}" if p >= 1e-3 else f"p={p:.1e}"
 
 
+def directed(
+    ratio: float, ci: tuple[float, float], faster: bool
+) -> tuple[float, tuple[float, float]]:
+    """A challenger / champion ratio and its interval as the text reads them: inverted for a
+    faster challenger, so "x1.36" means 36 % faster."""
+    if faster:
+        return 1.0 / ratio, (1.0 / ci[1], 1.0 / ci[0])
+    return ratio, (ci[0], ci[1])
+
+
 def _effect_reason(e: LatencyEffect) -> str:
     eff = e.effect()
     assert eff is not None and e.p_value is not None
@@ -512,10 +524,12 @@ def _effect_reason(e: LatencyEffect) -> str:
     noun = "median" if e.direction != "no_difference" else "median ratio"
     if e.direction == "no_difference":
         factor, ci = e.median_ratio or 1.0, e.median_ci or (1.0, 1.0)
+    p95 = f"p95 {e.p95_champion:.3g} -> {e.p95_challenger:.3g} ms"
+    if e.p95_ratio is not None and e.p95_ci is not None:  # the tail's own interval
+        p95 += f" ({format_effect(*directed(e.p95_ratio, e.p95_ci, e.direction == 'faster'))})"
     return (
         f"{head}: {noun} {format_effect(factor, ci)} ({100 * e.confidence:.0f} % CI), "
-        f"p50 {e.p50_champion:.3g} -> {e.p50_challenger:.3g} ms, "
-        f"p95 {e.p95_champion:.3g} -> {e.p95_challenger:.3g} ms, "
+        f"p50 {e.p50_champion:.3g} -> {e.p50_challenger:.3g} ms, {p95}, "
         f"Mann-Whitney {format_p(e.p_value)}"
     )
 

@@ -173,12 +173,16 @@ def test_a_faster_challenger_reads_as_one_speed_up_with_its_interval() -> None:
     )  # fmt: skip
     label, factor, (lo, hi) = effect.effect() or ("", 0.0, (0.0, 0.0))
     assert label == "faster" and lo < factor < hi and factor == pytest.approx(3.1 / 2.3, rel=0.02)
+    p95_lo, p95_hi = effect.p95_ci or (1.0, 1.0)
+    p95_speed_up = (1 / p95_hi, 1 / p95_lo)  # as the text reads it: champion / challenger
     assert effect.reason == (
         f"challenger faster: median {format_effect(factor, (lo, hi))} (95 % CI), "
         f"p50 {effect.p50_champion:.3g} -> {effect.p50_challenger:.3g} ms, "
-        f"p95 {effect.p95_champion:.3g} -> {effect.p95_challenger:.3g} ms, "
+        f"p95 {effect.p95_champion:.3g} -> {effect.p95_challenger:.3g} ms "
+        f"({format_effect(1 / (effect.p95_ratio or 1.0), p95_speed_up)}), "
         "Mann-Whitney p < 1e-100"
     )
+    assert p95_speed_up[0] < 1 / (effect.p95_ratio or 1.0) < p95_speed_up[1]
     assert json.loads(json.dumps(effect.to_dict()))["median_ci"] == list(effect.median_ci or ())
 
 

@@ -32,14 +32,13 @@ def latency_verdict(lat: dict[str, Any]) -> dict[str, Any]:
     if lat.get("status") != "ok":
         return verdict("latency", "insufficient_data", str(lat.get("reason", "no data")))
     status = "breach" if lat["regressed"] else "pass"
-    ratio, (lo, hi) = lat["median_ratio"], lat["median_ci"]
-    if lat["direction"] == "faster":  # the factor the text shows: x1.36 means 36 % faster
-        measure, ratio, ci = "median speed-up, champion / challenger", 1 / ratio, [1 / hi, 1 / lo]
-    else:
-        measure, ci = "median latency ratio, challenger / champion", [lo, hi]
+    # The factor the text shows: x1.36 faster means champion / challenger = 1.36.
+    measure = ("median speed-up, champion / challenger" if lat["direction"] == "faster"
+               else "median latency ratio, challenger / champion")  # fmt: skip
+    effect = lat["effect"]
     return verdict("latency", status, lat["reason"], direction=lat["direction"],
-                   measure=measure, estimate=ratio, ci=ci, confidence=lat["confidence"],
-                   p_value=lat["p_value"])  # fmt: skip
+                   measure=measure, estimate=effect["estimate"], ci=list(effect["ci"]),
+                   confidence=lat["confidence"], p_value=lat["p_value"])  # fmt: skip
 
 
 def errors_verdict(err: dict[str, Any], min_samples: int, confidence: float) -> dict[str, Any]:
