@@ -86,6 +86,21 @@ def serve(url: str, tmp_path: Path, config: dict[str, Any], rows: list[Any]) -> 
     return outs
 
 
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    """The tiny BERT of tests/test_peers_candidates.py, exported, and 16 padded sentences."""
+    pytest.importorskip("transformers")
+    from tests.test_peers_candidates import MeanPooledBert, sentences
+    from tuner.onnx_tools import export_onnx
+
+    feeds = sentences(16, 8)
+    axes = {name: {1: "sequence"} for name in feeds}
+    path = export_onnx(MeanPooledBert().eval(), sentences(2, 0),
+                       tmp_path_factory.mktemp("bert") / "bert.onnx",
+                       output_names=["embedding"], dynamic_axes=axes)  # fmt: skip
+    return path, feeds
+
+
 # Eight callers fill one batch of 8; a delay no test reaches means only a full batch runs.
 FULL_BATCH = {"batch_size": 8, "max_delay_ms": 600_000.0, "batch_workers": 1, "trim_padding": MASK}
 
@@ -147,18 +162,12 @@ def test_a_bad_trim_group_rows_serves_with_8_and_logs_the_value(
 
 
 def test_serving_search_measures_every_group_size_and_the_best_config_carries_it(
-    tmp_path: Path,
+    bert: tuple[Path, dict[str, np.ndarray]],
 ) -> None:
-    pytest.importorskip("transformers")
-    from tests.test_peers_candidates import MeanPooledBert, sentences
-    from tuner.onnx_tools import export_onnx
     from tuner.serving_search import search_serving
     from tuner.tuning import serving_defaults
 
-    feeds = sentences(16, 8)
-    axes = {name: {1: "sequence"} for name in feeds}
-    path = export_onnx(MeanPooledBert().eval(), sentences(2, 0), tmp_path / "bert.onnx",
-                       output_names=["embedding"], dynamic_axes=axes)  # fmt: skip
+    path, feeds = bert
     found = search_serving(path, feeds, slo_ms=10_000.0, mask=MASK, clients=4,
                            calls_per_client=2, batch_sizes=(4,), delays_ms=(2.0,),
                            group_rows=(2, 4, 8))  # fmt: skip
@@ -179,17 +188,13 @@ def test_serving_search_measures_every_group_size_and_the_best_config_carries_it
     assert plain.best is not None and "trim_group_rows" not in plain.best.to_config()
 
 
-def test_the_search_judges_its_finalists_by_the_median_of_repeated_runs(tmp_path: Path) -> None:
-    pytest.importorskip("transformers")
-    from tests.test_peers_candidates import MeanPooledBert, sentences
+def test_the_search_judges_its_finalists_by_the_median_of_repeated_runs(
+    bert: tuple[Path, dict[str, np.ndarray]],
+) -> None:
     from tuner.errors import TunerError
-    from tuner.onnx_tools import export_onnx
     from tuner.serving_search import CONFIRM_TOP, search_serving
 
-    feeds = sentences(16, 8)
-    axes = {name: {1: "sequence"} for name in feeds}
-    path = export_onnx(MeanPooledBert().eval(), sentences(2, 0), tmp_path / "bert.onnx",
-                       output_names=["embedding"], dynamic_axes=axes)  # fmt: skip
+    path, feeds = bert
     found = search_serving(path, feeds, slo_ms=10_000.0, mask=MASK, clients=4,
                            calls_per_client=2, batch_sizes=(1, 4), delays_ms=(1.0, 2.0),
                            group_rows=(2, 4), confirm_rounds=2)  # fmt: skip

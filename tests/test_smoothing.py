@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -29,17 +30,21 @@ def outlier_inputs(rows: int, seed: int) -> np.ndarray:
     return x
 
 
-@pytest.fixture(scope="module")
-def mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLP that reads every input channel equally (channel 0's weights scaled down)."""
-    torch.manual_seed(0)
+def exported_mlp(folder: Path, seed: int, sample: np.ndarray, scale_channel0: float) -> Path:
+    """A 16 -> 64 -> 8 MLP with channel 0's first-layer weights divided by the given factor."""
+    torch.manual_seed(seed)
     model = torch.nn.Sequential(
         torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)
     ).eval()
     with torch.no_grad():
-        model[0].weight[:, 0] /= OUTLIER
-    path = tmp_path_factory.mktemp("mlp") / "mlp.onnx"
-    return export_onnx(model, {"input": outlier_inputs(2, 0)}, path)
+        model[0].weight[:, 0] /= scale_channel0
+    return export_onnx(model, {"input": sample}, folder / "mlp.onnx")
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLP that reads every input channel equally (channel 0's weights scaled down)."""
+    return exported_mlp(tmp_path_factory.mktemp("mlp"), 0, outlier_inputs(2, 0), OUTLIER)
 
 
 def test_smoothing_leaves_the_float_outputs_unchanged(mlp: Path, tmp_path: Path) -> None:
@@ -60,18 +65,22 @@ def test_smoothing_leaves_the_float_outputs_unchanged(mlp: Path, tmp_path: Path)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_smoothed_candidate_is_more_faithful_than_the_plain_one(mlp: Path, tmp_path: Path) -> None:
+def tune_dynamic(model: Path, tmp_path: Path, rows: Any, smooth: tuple[bool, ...]) -> Any:
+    """Tune only the per-channel MatMul dynamic candidates at a 0.999 cosine guard."""
     space = SearchSpace(
         fp32=False, dynamic_per_channel=(True,), dynamic_op_types=("matmul",),
-        dynamic_preprocess=(False,), dynamic_smooth=(False, True), fused_op_types=(),
+        dynamic_preprocess=(False,), dynamic_smooth=smooth, fused_op_types=(),
         static_methods=(), torch_dynamic=False, prune_amounts=(), gpu=False, threads=(1,),
         spinning=(False,), max_batch_size=8,
     )  # fmt: skip
-    result = tune(
-        mlp, calibration=outlier_inputs(64, 2), holdout=outlier_inputs(64, 3), slo_ms=1000.0,
-        workdir=tmp_path, space=space, measure=FAST, task="embedding",
-        tolerance=Tolerance(min_mean_cosine=0.999),
+    return tune(
+        model, calibration=rows(64, 2), holdout=rows(64, 3), slo_ms=1000.0, workdir=tmp_path,
+        space=space, measure=FAST, task="embedding", tolerance=Tolerance(min_mean_cosine=0.999),
     )  # fmt: skip
+
+
+def test_smoothed_candidate_is_more_faithful_than_the_plain_one(mlp: Path, tmp_path: Path) -> None:
+    result = tune_dynamic(mlp, tmp_path, outlier_inputs, (False, True))
     trials = {t.name: t for t in result.leaderboard}
     plain, smoothed = trials["dynamic-s8-pc-matmul-raw"], trials["dynamic-s8-pc-matmul-raw-sq"]
     assert smoothed.accuracy["mean_cosine"] > plain.accuracy["mean_cosine"]
@@ -124,12 +133,7 @@ def outlier_rows(rows: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def plain_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(1)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)
-    ).eval()
-    path = tmp_path_factory.mktemp("plain") / "mlp.onnx"
-    return export_onnx(model, {"input": outlier_rows(2, 0)}, path)
+    return exported_mlp(tmp_path_factory.mktemp("plain"), 1, outlier_rows(2, 0), 1.0)
 
 
 def test_per_row_scales_leave_the_float_outputs_unchanged(plain_mlp: Path, tmp_path: Path) -> None:
@@ -151,17 +155,7 @@ def test_per_row_scales_leave_the_float_outputs_unchanged(plain_mlp: Path, tmp_p
 def test_a_candidate_failing_on_token_outliers_is_rescued_by_per_row_scales(
     plain_mlp: Path, tmp_path: Path
 ) -> None:
-    space = SearchSpace(
-        fp32=False, dynamic_per_channel=(True,), dynamic_op_types=("matmul",),
-        dynamic_preprocess=(False,), dynamic_smooth=(False,), fused_op_types=(),
-        static_methods=(), torch_dynamic=False, prune_amounts=(), gpu=False, threads=(1,),
-        spinning=(False,), max_batch_size=8,
-    )  # fmt: skip
-    result = tune(
-        plain_mlp, calibration=outlier_rows(64, 2), holdout=outlier_rows(64, 3), slo_ms=1000.0,
-        workdir=tmp_path, space=space, measure=FAST, task="embedding",
-        tolerance=Tolerance(min_mean_cosine=0.999),
-    )  # fmt: skip
+    result = tune_dynamic(plain_mlp, tmp_path, outlier_rows, (False,))
     trials = {t.name: t for t in result.leaderboard}
     plain = trials["dynamic-s8-pc-matmul-raw"]
     assert not plain.passed and "guard failed" in plain.reason

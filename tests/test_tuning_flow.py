@@ -156,6 +156,25 @@ def test_tune_on_production_samples_registers_the_winner(
     db.dispose()
 
 
+def _cli_setup(
+    url: str, tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch, labels: bool
+) -> Path:
+    """Register v1 and a slow champion for the CLI; return a dataset file of held-out rows."""
+    settings = _settings(url, tmp_path)
+    monkeypatch.setenv("TUNEWATCH_ARTIFACTS_DIR", settings.artifacts_dir)
+    db = Database(url)
+    registry.register("digits", source, db=db, settings=settings)
+    _slow_champion(db, settings, source, tmp_path)
+    db.dispose()
+    digits = load_digits_split()
+    data = tmp_path / "data.npz"
+    arrays = {"input": digits.x_holdout[:128]}
+    if labels:
+        arrays["labels"] = digits.y_holdout[:128]
+    np.savez(data, **arrays)  # type: ignore[arg-type]
+    return data
+
+
 def test_tune_cli_json_with_a_dataset(
     sqlite_url: str,
     tmp_path: Path,
@@ -163,15 +182,7 @@ def test_tune_cli_json_with_a_dataset(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    settings = _settings(sqlite_url, tmp_path)
-    monkeypatch.setenv("TUNEWATCH_ARTIFACTS_DIR", settings.artifacts_dir)
-    db = Database(sqlite_url)
-    registry.register("digits", mlp_onnx[0], db=db, settings=settings)
-    _slow_champion(db, settings, mlp_onnx[0], tmp_path)
-    db.dispose()
-    digits = load_digits_split()
-    data = tmp_path / "data.npz"
-    np.savez(data, input=digits.x_holdout[:128], labels=digits.y_holdout[:128])
+    data = _cli_setup(sqlite_url, tmp_path, mlp_onnx[0], monkeypatch, labels=True)
     code = main(
         [
             "tune",
@@ -274,14 +285,7 @@ def test_tune_cli_registers_the_serving_configuration_it_searched(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    settings = _settings(sqlite_url, tmp_path)
-    monkeypatch.setenv("TUNEWATCH_ARTIFACTS_DIR", settings.artifacts_dir)
-    db = Database(sqlite_url)
-    registry.register("digits", mlp_onnx[0], db=db, settings=settings)
-    _slow_champion(db, settings, mlp_onnx[0], tmp_path)
-    digits = load_digits_split()
-    data = tmp_path / "data.npz"
-    np.savez(data, input=digits.x_holdout[:128])
+    data = _cli_setup(sqlite_url, tmp_path, mlp_onnx[0], monkeypatch, labels=False)
     args = ["tune", "digits", "--dataset", str(data), "--quick", "--slo-ms", "50",
             "--database-url", sqlite_url]  # fmt: skip
     with pytest.raises(SystemExit) as bad:
@@ -295,6 +299,7 @@ def test_tune_cli_registers_the_serving_configuration_it_searched(
     searched = out["winner"]["config"]["serving"]
     assert searched["search"]["clients"] == 4 and searched["search"]["points"]
     # The registered version carries what the search chose, and a deployment reads it.
+    db = Database(sqlite_url)
     version = get_version(db, "digits", out["winner"]["version"])
     for key in ("batch_size", "max_delay_ms", "batch_workers"):
         assert version.config[key] == searched[key]
