@@ -311,7 +311,6 @@ class Deployment:
                 return session if n == threads else _session(info, threads=n)
 
             groups = LengthGroups(open_session, mask, _group_rows(info), threads)
-            closers.append(groups.close)
             run = groups
             stack = lambda items: pad_rows(items, mask)  # noqa: E731
         batcher: Any = DynamicBatcher(
@@ -319,7 +318,9 @@ class Deployment:
             max_delay_ms=delay, stack=stack, unstack=_split_rows,
             name=f"{info.model}:{info.version}", workers=workers,
         )  # fmt: skip
-        closers.append(batcher.close)
+        closers.append(batcher.close)  # runs what is queued: the group threads go after it
+        if mask:
+            closers.append(groups.close)
 
         async def submit(feed: Any) -> Any:
             return await asyncio.wrap_future(batcher.submit(_as_feed(feed, names)))

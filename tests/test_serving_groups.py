@@ -212,3 +212,39 @@ def test_the_search_judges_its_finalists_by_the_median_of_repeated_runs(
 def _same(a: Any, b: Any) -> bool:
     keys = ("threads", "batch_workers", "max_batch_size", "max_delay_ms", "group_rows")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def test_closing_a_deployment_runs_its_queued_calls_in_groups_first(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    import threading
+
+    path = shape_revealing_onnx(tmp_path / "rows.onnx")
+    settings = Settings(database_url=sqlite_url, artifacts_dir=str(tmp_path / "artifacts"))
+    db = Database(sqlite_url)
+    config = {**FULL_BATCH, "runtime": {"threads": 2}}  # groups at once, on a thread pool
+    registry.register("rows", path, config=config, db=db, settings=settings)
+    db.dispose()
+    rows = ragged_rows(3, 9)  # fewer than a full batch: they wait for the 10-minute delay
+    outs: list[Any] = [None] * len(rows)
+    with Monitor(sqlite_url, sample_rate=0.0) as mon:
+        dep = mon.deployment("rows", poll_s=60)
+
+        def call(i: int) -> None:
+            outs[i] = dep(rows[i])
+
+        callers = [threading.Thread(target=call, args=(i,)) for i in range(len(rows))]
+        for t in callers:
+            t.start()
+        while dep.batching_stats()["champion"]["pending"] < len(rows):
+            threading.Event().wait(0.005)
+        dep.close()  # drains the queue: the calls run, in groups, before the pool stops
+        for t in callers:
+            t.join()
+        stats = dep.batching_stats()["champion"]
+    # One batch of three, as two groups at once (2 + 1 rows): not retried row by row.
+    assert (stats["batches"], stats["retried_batches"], stats["errors"]) == (1, 0, 0)
+    assert sorted(float(out[1][0, 0]) for out in outs) == [1.0, 2.0, 2.0]
+    session = load_session(path)
+    for row, out in zip(rows, outs, strict=True):
+        np.testing.assert_allclose(out[0], session.run(None, row)[0], rtol=1e-5)
