@@ -76,7 +76,10 @@ def test_winner_passes_the_guard_and_meets_the_slo(result: TuneResult) -> None:
     assert winner.accuracy["top1_agreement"] >= 0.99
     assert winner.accuracy["accuracy_drop"] <= 0.005
     best = next(p for p in winner.curve if p.batch_size == winner.best_batch_size)
-    assert best.p95_ms <= SLO_MS and winner.throughput == best.throughput
+    assert best.p95_ms <= SLO_MS
+    # close finalists are re-measured; the reported rate is then the median of all runs
+    runs = [best.throughput] + [c["throughput"] for c in winner.config.get("confirmation", [])]
+    assert winner.throughput == pytest.approx(float(np.median(runs)))
     assert winner.latency_p95_ms is not None and winner.latency_p95_ms <= SLO_MS
     assert winner.artifact is not None and sha256_file(winner.artifact) == winner.sha256
     assert winner.config["batch_size"] == winner.best_batch_size
