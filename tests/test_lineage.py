@@ -52,6 +52,18 @@ def images() -> TuningData:
     return split({"input": x}, digits.y_holdout, 0.5, 0, "labelled digits")
 
 
+# Without VNNI the tuner builds int8 with 7-bit weights (reduce_range, against u8s8 overflow):
+# on this small CNN that flips 2 of 128 held-out answers (top-1 agreement 0.984), with VNNI
+# none. These tests are about lineage, not that margin, so the CNN's guard allows 3 %.
+CNN_TOP1 = 0.97
+
+
+def _register_cnn(db: Database, settings: Settings, cnn_onnx: Path) -> None:
+    """Register the CNN as the source v1, with the guard tolerance these tests judge by."""
+    registry.register(MODEL, cnn_onnx, db=db, settings=settings)
+    registry.set_policy(db, MODEL, {"tolerance": {"min_top1_agreement": CNN_TOP1}}, by="test")
+
+
 def _settings(url: str, tmp_path: Path) -> Settings:
     return Settings(database_url=url, artifacts_dir=str(tmp_path / "artifacts"))
 
@@ -94,7 +106,7 @@ def test_retunes_after_promoting_int8_and_ort_fp32_build_from_the_source(
     monkeypatch.chdir(tmp_path / "cwd")
     settings = _settings(db_url, tmp_path)
     db = Database(db_url)
-    registry.register(MODEL, cnn_onnx, db=db, settings=settings)
+    _register_cnn(db, settings, cnn_onnx)
     first = run_tuning(db, settings, MODEL, slo_ms=50.0, data=images, quick=True)
     assert first.source_version == "v1" and first.incumbent is not None
     assert first.incumbent["version"] == "v1" and first.incumbent["passed"]
@@ -139,7 +151,7 @@ def test_the_guard_reference_is_the_source_not_a_degraded_champion(
 ) -> None:
     settings = _settings(db_url, tmp_path)
     db = Database(db_url)
-    registry.register(MODEL, cnn_onnx, db=db, settings=settings)
+    _register_cnn(db, settings, cnn_onnx)
     bad = registry.register(
         MODEL, _perturbed(cnn_onnx, tmp_path / "bad.onnx"), version="degraded",
         parent_version="v1", db=db, settings=settings,
@@ -149,11 +161,11 @@ def test_the_guard_reference_is_the_source_not_a_degraded_champion(
     out = outcome.to_dict()
     inc = out["incumbent"]
     assert inc["version"] == "degraded" and inc["passed"] is False
-    assert inc["fidelity"]["top1_agreement"] < 0.99
+    assert inc["fidelity"]["top1_agreement"] < CNN_TOP1
     assert inc["fidelity"]["accuracy"] < inc["fidelity"]["accuracy_champion"]  # vs the source
     faithful = {t["name"]: t for t in out["leaderboard"]}
     assert faithful["dynamic-s8-pc"]["passed"]
-    assert faithful["dynamic-s8-pc"]["accuracy"]["top1_agreement"] >= 0.99
+    assert faithful["dynamic-s8-pc"]["accuracy"]["top1_agreement"] >= CNN_TOP1
     assert faithful["incumbent"]["passed"] is False
     # The incumbent fails on today's data and a faithful winner passes: it is registered.
     assert out["outcome"] == "registered" and "incumbent fails" in out["reason"]
